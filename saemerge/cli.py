@@ -1,0 +1,100 @@
+"""`saemerge validate | merge | eval`: a thin layer over the Python API. Bad input exits with code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .recipe import RecipeError, load_recipe
+
+
+def _recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe field, e.g. --set train.seed=3 --set models.0.layer=2 (repeatable)")
+
+
+def cmd_validate(args) -> int:
+    from .merge import validate
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    paths = validate(recipe, overwrite=True)
+    print(f"{args.recipe}: ok")
+    for spec in recipe.models:
+        print(f"  {spec.name}: {spec.model}  layer {spec.layer!r} -> {paths[spec.name]}")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from .merge import merge
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    start = time.perf_counter()
+    output = merge(recipe, output=args.output, overwrite=args.overwrite, progress=not args.quiet,
+                   evaluate_after=not args.no_eval)
+    print((output / "report.md").read_text())
+    print(f"merged model written to {output} in {time.perf_counter() - start:.0f}s")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import evaluate, load_merged, results_table
+
+    model, tokenizer = load_merged(args.model, device=args.device)
+    tasks = [t for t in args.tasks.split(",") if t]
+    output = Path(args.output) if args.output else Path(args.model) / "eval_results.json"
+    results = evaluate(model, tokenizer, tasks, args.include_path, args.limit, args.batch_size, output=output)
+    print(results_table(results))
+    print(f"results written to {output}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="saemerge", description="Merge language models through aligned sparse autoencoders.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="check a recipe and its sources without training",
+                       description="Check a recipe: schema, sources, layers, tokenizers, data. Writes nothing.")
+    _recipe_args(p)
+    p.set_defaults(run=cmd_validate)
+
+    p = sub.add_parser("merge", help="run a recipe: harvest, train the SAEs, build, save, evaluate, report",
+                       description="Run a recipe end to end and write the merged model folder.")
+    _recipe_args(p)
+    p.add_argument("--output", help="output folder (default: the recipe's `output`)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder once the new one is complete")
+    p.add_argument("--no-eval", action="store_true", help="skip the recipe's lm-eval tasks")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=cmd_merge)
+
+    p = sub.add_parser("eval", help="run lm-evaluation-harness tasks on a merged model folder",
+                       description="Evaluate a saved model folder with lm-evaluation-harness.")
+    p.add_argument("model", help="folder written by `saemerge merge` (or any causal LM folder)")
+    p.add_argument("--tasks", required=True, help="comma-separated task names")
+    p.add_argument("--include-path", help="folder of local task YAMLs (e.g. eval/tasks)")
+    p.add_argument("--limit", type=float, help="documents per task (a fraction if < 1)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--output", help="JSON file for the results (default: MODEL/eval_results.json)")
+    p.set_defaults(run=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except RecipeError as e:
+        for line in e.lines:
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

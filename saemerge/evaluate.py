@@ -1,0 +1,52 @@
+"""Benchmarks through lm-evaluation-harness: local task YAMLs from a folder and any registered task."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .recipe import RecipeError
+
+
+def load_merged(folder: str | Path, device: str = "cpu"):
+    """A saved merged model (or any causal LM folder) and its tokenizer, offline."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise RecipeError(f"{folder}: not a model folder; expected config.json inside")
+    model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True).to(device).eval()
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+def evaluate(model, tokenizer, tasks: list[str], include_path: str | Path | None = None, limit: float | None = None,
+             batch_size: int = 8, output: str | Path | None = None) -> dict:
+    """Run lm-eval `tasks` on an in-memory model; return {task: {metric: value}} and write JSON to `output`."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    if include_path is not None and not Path(include_path).is_dir():
+        raise RecipeError(f"eval.include_path: folder '{include_path}' does not exist")
+    manager = TaskManager(include_path=str(include_path) if include_path else None)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise RecipeError(f"eval.tasks: unknown task(s) {unknown}; expected registered tasks or YAMLs in include_path")
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, backend="causal")
+    raw = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit, log_samples=False)
+    results = {task: {k.split(",")[0]: v for k, v in metrics.items() if k != "alias" and not k.split(",")[0].endswith("_stderr")}
+               for task, metrics in raw["results"].items()}
+    if output:
+        Path(output).write_text(json.dumps({"results": results, "lm_eval": raw["results"],
+                                            "config": {"tasks": list(tasks), "limit": limit}}, indent=2, default=str))
+    return results
+
+
+def results_table(results: dict) -> str:
+    """Markdown table, one row per task and metric."""
+    lines = ["| task | metric | value |", "|---|---|---|"]
+    for task, metrics in results.items():
+        for metric, value in metrics.items():
+            shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+            lines.append(f"| {task} | {metric} | {shown} |")
+    return "\n".join(lines)

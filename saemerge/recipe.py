@@ -1,0 +1,201 @@
+"""The recipe: one YAML file that says what to merge and how, validated with pydantic.
+
+Everything downstream (harvest -> train -> build -> evaluate -> report) reads this typed object only.
+Field docstrings double as the recipe reference in the README.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class RecipeError(Exception):
+    """Bad input. Carries one line per problem; the CLI prints them and exits with code 2."""
+
+    def __init__(self, lines: list[str] | str):
+        self.lines = [lines] if isinstance(lines, str) else list(lines)
+        super().__init__("\n".join(self.lines))
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SourceSpec(Strict):
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$", description="Short name of the source, used in `merge.target`.")
+    model: str = Field(description="Hub id or local folder of a Hugging Face causal LM.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    gguf_file: str | None = Field(None, description="A .gguf file inside `model` to load instead of safetensors.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Dtype the source runs in.")
+    layer: int | str = Field(description="Block index i (the residual stream after block i = hidden_states[i+1]) or a module path.")
+    trust_remote_code: bool = Field(False, description="Allow the source's own modeling code from its folder.")
+
+
+class LatentSpec(Strict):
+    size: int = Field(gt=0, description="Number of latents shared by all SAEs.")
+    activation: Literal["relu", "topk"] = Field("relu", description="relu, or topk (keep the k largest).")
+    k: int = Field(32, gt=0, description="Active latents per token for topk.")
+    bias: bool = Field(True, description="Encoder and decoder biases.")
+    l1: float = Field(1e-3, ge=0, description="L1 penalty on the codes.")
+    l2: float = Field(0.0, ge=0, description="L2 (squared) penalty on the codes.")
+    align: float = Field(1.0, ge=0, description="Weight of mean (1 - cos) between the sources' codes of the same token.")
+    cross: float = Field(0.0, ge=0, description="Weight of cross-reconstruction: decode each source's code with every other decoder.")
+    init: Literal["random", "data"] = Field("data", description="Initialise latents randomly or from activations of sampled tokens.")
+
+    @model_validator(mode="after")
+    def _k_fits(self):
+        if self.activation == "topk" and self.k > self.size:
+            raise ValueError(f"k={self.k} must not exceed size={self.size}")
+        return self
+
+
+class DatasetSpec(Strict):
+    path: str = Field(description="`datasets.load_dataset` path: a hub name or a builder such as json, text, parquet.")
+    name: str | None = Field(None, description="Dataset configuration name.")
+    data_files: str | list[str] | dict[str, str | list[str]] | None = Field(None, description="Local files for json/text/parquet.")
+    split: str = Field("train", description="Split to read.")
+    text_column: str = Field("text", description="Column holding the text.")
+    weight: float = Field(1.0, gt=0, description="Sampling weight in the mixture (normalised).")
+
+
+class DataSpec(Strict):
+    datasets: list[DatasetSpec] = Field(min_length=1, description="The mixture the SAEs train on.")
+    seq_len: int = Field(128, ge=2, description="Tokens per sequence fed to the sources.")
+    tokens: int = Field(2_000_000, gt=0, description="Training token budget.")
+    shuffle_buffer: int = Field(1000, ge=1, description="Documents held in the streaming shuffle buffer.")
+
+
+class TrainSpec(Strict):
+    batch_tokens: int = Field(4096, gt=0, description="Tokens per optimisation step.")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate (cosine decay to 10%).")
+    seed: int = Field(0, description="Seed for initialisation and data order.")
+    eval_tokens: int = Field(16384, gt=0, description="Fresh tokens for the final SAE metrics.")
+    log_every: int = Field(25, gt=0, description="Steps between lines of metrics.jsonl.")
+    device: str = Field("auto", description="auto (cuda if present, else cpu), cpu, cuda, cuda:1, ...")
+
+
+class MergeSpec(Strict):
+    target: str = Field(description="Name of the source whose residual stream receives the features.")
+    combine: Literal["sum", "mean"] = Field("mean", description="sum: add decoded features; mean: average reconstructions, keep the target's error.")
+    scale: float = Field(1.0, description="Multiplies what is brought into the target (0 gives the target alone).")
+    inject: list[str] | None = Field(None, description="Sources whose features are injected (default: all but the target).")
+
+
+class EvalSpec(Strict):
+    tasks: list[str] = Field(default_factory=list, description="lm-eval task names run after the merge.")
+    include_path: str | None = Field(None, description="Folder of local lm-eval task YAMLs.")
+    limit: float | None = Field(None, gt=0, description="Documents per task (a fraction if < 1).")
+    batch_size: int = Field(8, gt=0, description="lm-eval batch size.")
+
+
+class Recipe(Strict):
+    name: str = Field(description="Name of the merge.")
+    models: list[SourceSpec] = Field(min_length=2, description="Two or more sources.")
+    latent: LatentSpec
+    data: DataSpec
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    merge: MergeSpec
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    output: str = Field(description="Folder the merged model is written to.")
+
+    def source(self, name: str) -> SourceSpec:
+        return next(s for s in self.models if s.name == name)
+
+    @property
+    def injecting(self) -> list[str]:
+        if self.merge.inject is not None:
+            return list(self.merge.inject)
+        return [s.name for s in self.models if s.name != self.merge.target]
+
+
+def _cross_field_errors(recipe: Recipe) -> list[str]:
+    """Checks pydantic cannot attach to a single field."""
+    errors = []
+    names = [s.name for s in recipe.models]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            errors.append(f"models.{i}.name: '{name}' is used twice; expected unique source names")
+    if recipe.merge.target not in names:
+        errors.append(f"merge.target: '{recipe.merge.target}' is not a source; expected one of {names}")
+    for j, name in enumerate(recipe.merge.inject or []):
+        if name not in names or name == recipe.merge.target:
+            errors.append(f"merge.inject.{j}: '{name}' expected a source other than the target, one of {names}")
+    if recipe.merge.inject is not None and not recipe.merge.inject:
+        errors.append("merge.inject: empty; expected at least one source to inject")
+    return errors
+
+
+def _format_pydantic(err: ValidationError) -> list[str]:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "missing":
+            msg = "missing; this field is required"
+        got = "" if e["type"] == "missing" else f" (got {e['input']!r:.60})"
+        lines.append(f"{loc}: {msg}{got}")
+    return lines
+
+
+def set_override(raw: dict, assignment: str) -> None:
+    """Apply `a.b.0.c=value` (value parsed as YAML) to a nested dict/list in place."""
+    key, sep, value = assignment.partition("=")
+    if not sep or not key:
+        raise RecipeError(f"--set {assignment}: expected KEY=VALUE such as train.seed=3")
+    parts = key.split(".")
+    node: Any = raw
+    for depth, part in enumerate(parts[:-1]):
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        elif isinstance(node, dict):
+            node = node.setdefault(part, {})
+        else:
+            raise RecipeError(f"--set {key}: '{'.'.join(parts[:depth + 1])}' does not exist in the recipe")
+    last = parts[-1]
+    if isinstance(node, list):
+        if not (last.isdigit() and int(last) < len(node)):
+            raise RecipeError(f"--set {key}: index {last} is out of range")
+        node[int(last)] = yaml.safe_load(value)
+    elif isinstance(node, dict):
+        node[last] = yaml.safe_load(value)
+    else:
+        raise RecipeError(f"--set {key}: cannot set a key inside a {type(node).__name__}")
+
+
+def parse_recipe(raw: Any, where: str = "recipe", overrides: list[str] = ()) -> Recipe:
+    """Validate a recipe given as a dict; raise RecipeError with every problem found."""
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{where}: expected a YAML mapping at the top level, got {type(raw).__name__}")
+    for assignment in overrides:
+        set_override(raw, assignment)
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise RecipeError([f"{where}: {line}" for line in _format_pydantic(e)]) from None
+    errors = _cross_field_errors(recipe)
+    if errors:
+        raise RecipeError([f"{where}: {line}" for line in errors])
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read and validate a recipe file (structure only; `check_sources` looks at the models)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: no such recipe file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RecipeError(f"{path}: not valid YAML: {first}") from None
+    return parse_recipe(raw, str(path), overrides)
+
+
+def recipe_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,142 @@
+"""Aligned training: one SAE per source, one shared latent space.
+
+loss = sum over sources of [ FVU(x_s, Dec_s(Enc_s(x_s))) + l1 |z_s|_1 + l2 |z_s|^2 ]
+     + align * mean over pairs of (1 - cos(z_s, z_t))
+     + cross * mean over ordered pairs of FVU(x_t, Dec_t(z_s))
+FVU (fraction of variance unexplained = 1 - explained variance) makes the reconstruction term free of each
+model's activation scale, so one set of coefficients fits sources of any width and norm.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .harvest import paired_activations
+from .recipe import Recipe
+from .sae import SAEConfig, SparseAutoencoder
+from .sources import resolve_device
+
+
+def fvu(x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+    return (x - recon).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+
+
+def pairs(names: list[str]):
+    return list(itertools.combinations(names, 2))
+
+
+def losses(recipe: Recipe, saes: dict[str, SparseAutoencoder], acts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    lat = recipe.latent
+    codes = {name: saes[name].encode(x) for name, x in acts.items()}
+    parts = {key: torch.zeros(()) for key in ("recon", "sparsity", "align", "cross")}
+    for name, x in acts.items():
+        z = codes[name]
+        parts["recon"] = parts["recon"] + fvu(x, saes[name].decode(z))
+        parts["sparsity"] = parts["sparsity"] + lat.l1 * z.abs().sum(-1).mean() + lat.l2 * z.pow(2).sum(-1).mean()
+    names = list(acts)
+    if lat.align > 0:
+        parts["align"] = torch.stack([(1 - F.cosine_similarity(codes[a], codes[b], dim=-1, eps=1e-8)).mean()
+                                      for a, b in pairs(names)]).mean()
+    if lat.cross > 0:
+        parts["cross"] = torch.stack([fvu(acts[b], saes[b].decode(codes[a]))
+                                      for a, b in itertools.permutations(names, 2)]).mean()
+    parts["total"] = parts["recon"] + parts["sparsity"] + lat.align * parts["align"] + lat.cross * parts["cross"]
+    return parts
+
+
+@torch.no_grad()
+def measure(saes: dict[str, SparseAutoencoder], batches: list[dict[str, torch.Tensor]]) -> dict:
+    """SAE quality on held-back batches: per source and per pair of sources."""
+    acts = {name: torch.cat([b[name] for b in batches]) for name in saes}
+    codes = {name: saes[name].encode(x) for name, x in acts.items()}
+    out = {"tokens": next(iter(acts.values())).shape[0], "sources": {}, "pairs": {}}
+    for name, z in codes.items():
+        active = z > 0
+        out["sources"][name] = {
+            "explained_variance": 1 - fvu(acts[name], saes[name].decode(z)).item(),
+            "l0": active.sum(-1).float().mean().item(),
+            "dead_fraction": (~active.any(0)).float().mean().item(),
+        }
+    for a, b in itertools.permutations(codes, 2):
+        active_a, active_b = codes[a] > 0, codes[b] > 0
+        union = (active_a | active_b).sum(-1).clamp_min(1)
+        out["pairs"][f"{a}->{b}"] = {
+            # Dec_b(Enc_a(x_a)) against x_b: how well a's code stands in for b's.
+            "cross_explained_variance": 1 - fvu(acts[b], saes[b].decode(codes[a])).item(),
+            "code_cosine": F.cosine_similarity(codes[a], codes[b], dim=-1, eps=1e-8).mean().item(),
+            # The cosine can be carried by a few dense shared latents; the active-set overlap cannot.
+            "active_jaccard": ((active_a & active_b).sum(-1) / union).float().mean().item(),
+        }
+    return out
+
+
+def train_saes(recipe: Recipe, sources: dict, paths: dict[str, str], tokenizer,
+               log_path: str | Path | None = None, progress: bool = True) -> tuple[dict[str, SparseAutoencoder], dict]:
+    """Train the aligned SAEs on the recipe's data; return them and their final metrics."""
+    device = resolve_device(recipe.train.device)
+    torch.manual_seed(recipe.train.seed)
+    generator = torch.Generator().manual_seed(recipe.train.seed)
+    stream = paired_activations(recipe, sources, paths, tokenizer)
+    batch_size = max(1, recipe.train.batch_tokens // recipe.data.seq_len)
+    steps = max(1, math.ceil(recipe.data.tokens / (batch_size * recipe.data.seq_len)))
+
+    # Enough first batches to give every latent its own sampled token when initialising from data.
+    first = [next(stream)]
+    per_batch = next(iter(first[0].values())).shape[0]
+    while recipe.latent.init == "data" and per_batch * len(first) < recipe.latent.size:
+        first.append(next(stream))
+    init_acts = {name: torch.cat([b[name] for b in first]) for name in sources}
+    n_init = next(iter(init_acts.values())).shape[0]
+    rows = torch.randperm(n_init, generator=generator)[: recipe.latent.size] if recipe.latent.init == "data" else None
+
+    saes = {}
+    for name, x in init_acts.items():
+        sae = SparseAutoencoder(SAEConfig(d_in=x.shape[-1], d_sae=recipe.latent.size, activation=recipe.latent.activation,
+                                          k=recipe.latent.k, bias=recipe.latent.bias))
+        sae.init_random(generator)
+        sae.init_from_data(x, rows)
+        saes[name] = sae.to(device)
+    params = [p for sae in saes.values() for p in sae.parameters()]
+    optimizer = torch.optim.Adam(params, lr=recipe.train.lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)))
+
+    log = open(log_path, "w") if log_path else None
+    bar = tqdm(range(steps), desc="training SAEs", disable=not progress, unit="step")
+    batches = itertools.chain(first, stream)
+    for step in bar:
+        acts = {name: x.to(device) for name, x in next(batches).items()}
+        parts = losses(recipe, saes, acts)
+        optimizer.zero_grad(set_to_none=True)
+        parts["total"].backward()
+        for sae in saes.values():
+            sae.remove_parallel_grads()
+        optimizer.step()
+        schedule.step()
+        for sae in saes.values():
+            sae.normalize_decoder()
+        if step % recipe.train.log_every == 0 or step == steps - 1:
+            row = {"step": step, "tokens": (step + 1) * batch_size * recipe.data.seq_len,
+                   **{k: v.item() for k, v in parts.items()}}
+            bar.set_postfix(fvu=f"{row['recon'] / len(saes):.3f}", align=f"{row['align']:.3f}")
+            if log:
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+    if log:
+        log.close()
+
+    held_back, seen = [], 0
+    while seen < recipe.train.eval_tokens:
+        batch = {name: x.to(device) for name, x in next(stream).items()}
+        held_back.append(batch)
+        seen += next(iter(batch.values())).shape[0]
+    metrics = measure(saes, held_back)
+    metrics.update(steps=steps, train_tokens=steps * batch_size * recipe.data.seq_len)
+    return {name: sae.eval() for name, sae in saes.items()}, metrics

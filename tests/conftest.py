@@ -1,0 +1,108 @@
+"""Tiny real models of several families, a real tokenizer and real text, built once per test session."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+REPO = Path(__file__).resolve().parent.parent
+PROSE = REPO / "eval/data/prose/validation.jsonl.gz"
+CODE = REPO / "eval/data/code/validation.jsonl.gz"
+
+# Small configs of different families, shapes and widths; every block list is found without a family table.
+FAMILIES = {
+    "gpt2": dict(model_type="gpt2", n_layer=3, n_embd=32, n_head=2, n_positions=128),
+    "llama": dict(model_type="llama", num_hidden_layers=3, hidden_size=48, intermediate_size=96,
+                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128),
+    "gemma3_text": dict(model_type="gemma3_text", num_hidden_layers=3, hidden_size=32, intermediate_size=64,
+                        num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=128,
+                        sliding_window=16),
+    "gpt_neox": dict(model_type="gpt_neox", num_hidden_layers=3, hidden_size=32, intermediate_size=64,
+                     num_attention_heads=2, max_position_embeddings=128),
+    "qwen2": dict(model_type="qwen2", num_hidden_layers=3, hidden_size=32, intermediate_size=64,
+                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128),
+}
+BLOCK_PATHS = {"gpt2": "transformer.h", "llama": "model.layers", "gemma3_text": "model.layers",
+               "gpt_neox": "gpt_neox.layers", "qwen2": "model.layers"}
+
+
+def texts(path: Path, n: int | None = None) -> list[str]:
+    with gzip.open(path, "rt") as f:
+        rows = [json.loads(line)["text"] for line in f]
+    return rows[:n] if n else rows
+
+
+def train_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts(PROSE, 5) + texts(CODE, 3), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>", clean_up_tokenization_spaces=False)
+
+
+def make_model(family: str, vocab_size: int, seed: int = 0):
+    kwargs = dict(FAMILIES[family])
+    config = AutoConfig.for_model(kwargs.pop("model_type"), vocab_size=vocab_size, bos_token_id=0, eos_token_id=0,
+                                  pad_token_id=0, **kwargs)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return train_tokenizer(400)
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory, tokenizer):
+    """{family: folder} of tiny random models saved with the shared tokenizer; also 'gpt2_b' (another seed)
+    and 'gpt2_other_tok' (same model, a different tokenizer)."""
+    root = tmp_path_factory.mktemp("zoo")
+    folders = {}
+    for i, family in enumerate([*FAMILIES, "gpt2_b"]):
+        model = make_model(family.removesuffix("_b"), len(tokenizer), seed=i)
+        folders[family] = root / family
+        model.save_pretrained(folders[family])
+        tokenizer.save_pretrained(folders[family])
+    other = root / "gpt2_other_tok"
+    make_model("gpt2", len(tokenizer)).save_pretrained(other)
+    train_tokenizer(300).save_pretrained(other)
+    folders["gpt2_other_tok"] = other
+    return folders
+
+
+def recipe_dict(a: Path, b: Path, output: Path, **overrides) -> dict:
+    raw = {
+        "name": "tiny-merge",
+        "models": [{"name": "a", "model": str(a), "layer": 1}, {"name": "b", "model": str(b), "layer": 1}],
+        "latent": {"size": 64, "activation": "topk", "k": 8, "l1": 0.0, "align": 1.0, "cross": 0.5},
+        "data": {"datasets": [{"path": "json", "data_files": str(PROSE), "weight": 0.5},
+                              {"path": "json", "data_files": str(CODE), "weight": 0.5}],
+                 "seq_len": 32, "tokens": 4096, "shuffle_buffer": 8},
+        "train": {"batch_tokens": 512, "lr": 3e-3, "seed": 0, "eval_tokens": 1024},
+        "merge": {"target": "b", "combine": "mean", "scale": 1.0},
+        "output": str(output),
+    }
+    for key, value in overrides.items():
+        section, _, field = key.partition("__")
+        raw[section][field] = value
+    return raw
+
+
+@pytest.fixture
+def write_recipe(tmp_path):
+    def write(raw: dict, name: str = "recipe.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(raw))
+        return path
+    return write

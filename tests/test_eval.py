@@ -1,0 +1,41 @@
+"""A real lm-evaluation-harness run of a local perplexity task on a merged model."""
+
+import json
+
+import yaml
+
+from saemerge.cli import main
+from conftest import PROSE, recipe_dict
+
+
+def test_local_perplexity_task_on_a_merged_model(zoo, tmp_path, write_recipe, capsys):
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    task = yaml.safe_load((PROSE.parents[2] / "tasks/saemerge_prose.yaml").read_text())
+    task.update(task="tiny_prose", dataset_kwargs={"data_files": {"test": str(PROSE)}})
+    (tasks / "tiny_prose.yaml").write_text(yaml.safe_dump(task))
+
+    raw = recipe_dict(zoo["gpt2"], zoo["gpt2_b"], tmp_path / "out", data__tokens=1024)
+    raw["eval"] = {"tasks": ["tiny_prose"], "include_path": str(tasks), "limit": 2, "batch_size": 2}
+    assert main(["merge", str(write_recipe(raw)), "--quiet"]) == 0
+    merged = json.loads((tmp_path / "out/eval_results.json").read_text())["results"]["tiny_prose"]
+    assert merged["bits_per_byte"] > 0 and abs(merged["byte_perplexity"] - 2 ** merged["bits_per_byte"]) < 1e-6
+    assert "tiny_prose" in (tmp_path / "out/report.md").read_text()
+
+    # The same task through `saemerge eval` on the saved folder gives the same numbers.
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "out"), "--tasks", "tiny_prose", "--include-path", str(tasks),
+                 "--limit", "2", "--batch-size", "2", "--output", str(tmp_path / "again.json")]) == 0
+    again = json.loads((tmp_path / "again.json").read_text())["results"]["tiny_prose"]
+    assert abs(again["bits_per_byte"] - merged["bits_per_byte"]) < 1e-6
+    assert "| tiny_prose | bits_per_byte |" in capsys.readouterr().out
+
+
+def test_unknown_task_is_a_clear_error(zoo, tmp_path, capsys):
+    raw_dir = tmp_path / "m"
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(zoo["gpt2"]).save_pretrained(raw_dir)
+    from transformers import AutoTokenizer
+    AutoTokenizer.from_pretrained(zoo["gpt2"]).save_pretrained(raw_dir)
+    assert main(["eval", str(raw_dir), "--tasks", "no_such_task"]) == 2
+    assert "eval.tasks: unknown task(s) ['no_such_task']" in capsys.readouterr().err
