@@ -16,5 +16,5 @@ def build_merged(recipe: Recipe, sources: dict, saes: dict[str, SparseAutoencode
         sources=[{"name": name, "config": model.config.to_dict(), "layer": paths[name],
                   "d_model": saes[name].cfg.d_in} for name, model in sources.items()],
         target=recipe.merge.target, inject=recipe.injecting, combine=recipe.merge.combine,
-        scale=recipe.merge.scale, latent=latent)
+        scale=recipe.merge.scale, heads=recipe.merge.heads, gates=recipe.merge.gates, latent=latent)
     return SAEMergedForCausalLM(config, sources=sources, saes=saes).eval()

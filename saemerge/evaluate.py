@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from pathlib import Path
 
 from .recipe import RecipeError
@@ -19,16 +20,23 @@ def load_merged(folder: str | Path, device: str = "cpu"):
     return model, AutoTokenizer.from_pretrained(folder)
 
 
+@lru_cache(maxsize=4)
+def task_manager(include_path: str | None):
+    """lm-eval indexes every task it knows when this is built (seconds): build it once per folder."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path)
+
+
 def evaluate(model, tokenizer, tasks: list[str], include_path: str | Path | None = None, limit: float | None = None,
              batch_size: int = 8, output: str | Path | None = None) -> dict:
     """Run lm-eval `tasks` on an in-memory model; return {task: {metric: value}} and write JSON to `output`."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     if include_path is not None and not Path(include_path).is_dir():
         raise RecipeError(f"eval.include_path: folder '{include_path}' does not exist")
-    manager = TaskManager(include_path=str(include_path) if include_path else None)
+    manager = task_manager(str(Path(include_path).resolve()) if include_path else None)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise RecipeError(f"eval.tasks: unknown task(s) {unknown}; expected registered tasks or YAMLs in include_path")

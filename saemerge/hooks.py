@@ -21,7 +21,10 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     n_layers = getattr(config, "num_hidden_layers", None)
-    root = model.get_decoder() if hasattr(model, "get_decoder") and model.get_decoder() is not None else model
+    try:
+        root = model.get_decoder() or model
+    except (AttributeError, NotImplementedError):
+        root = model
     prefix = next((n for n, m in model.named_modules() if m is root), "")
     candidates = [
         (name, module)

@@ -6,9 +6,11 @@ import json
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from .build import build_merged
+from .calibrate import calibrate
 from .data import open_mixture
 from .evaluate import evaluate
 from .recipe import Recipe, RecipeError, recipe_yaml
@@ -63,39 +65,45 @@ def save_atomically(model, tokenizer, recipe: Recipe, saes: dict, metrics: dict,
         raise
 
 
+@contextmanager
+def timed(timings: dict, key: str):
+    start = time.perf_counter()
+    yield
+    timings[key] = round(time.perf_counter() - start, 2)
+
+
 def merge(recipe: Recipe, output: str | Path | None = None, overwrite: bool = False, progress: bool = True,
           evaluate_after: bool = True) -> Path:
     """Run a whole recipe; return the folder of the merged model."""
     output = Path(output or recipe.output)
     timings = {}
-    start = time.perf_counter()
-    paths = validate(recipe, output, overwrite)
-    tokenizer = load_tokenizer(recipe.models[0])
-    device = resolve_device(recipe.train.device)
-    sources = {spec.name: load_source(spec, device) for spec in recipe.models}
-    timings["load"] = time.perf_counter() - start
+    with timed(timings, "load"):
+        paths = validate(recipe, output, overwrite)
+        tokenizer = load_tokenizer(recipe.models[0])
+        device = resolve_device(recipe.train.device)
+        sources = {spec.name: load_source(spec, device) for spec in recipe.models}
 
-    start = time.perf_counter()
     output.parent.mkdir(parents=True, exist_ok=True)
     log = output.parent / f".{output.name}.training_log-{os.getpid()}.jsonl"
     try:
-        saes, metrics = train_saes(recipe, sources, paths, tokenizer, log_path=log, progress=progress)
-        timings["train"] = time.perf_counter() - start
-
-        start = time.perf_counter()
+        with timed(timings, "train"):
+            saes, metrics = train_saes(recipe, sources, paths, tokenizer, log_path=log, progress=progress)
         model = build_merged(recipe, sources, saes, paths)
+        with timed(timings, "calibrate"):
+            calibration = calibrate(model, recipe, tokenizer, progress=progress)
+        if calibration:
+            metrics["calibration"] = calibration
         metrics["timings"] = timings
-        save_atomically(model, tokenizer, recipe, saes, metrics, log, output, overwrite)
-        timings["save"] = time.perf_counter() - start
+        with timed(timings, "save"):
+            save_atomically(model, tokenizer, recipe, saes, metrics, log, output, overwrite)
     finally:
         log.unlink(missing_ok=True)
 
     results = None
     if evaluate_after and recipe.eval.tasks:
-        start = time.perf_counter()
-        results = evaluate(model, tokenizer, recipe.eval.tasks, recipe.eval.include_path, recipe.eval.limit,
-                           recipe.eval.batch_size, output=output / "eval_results.json")
-        timings["evaluate"] = time.perf_counter() - start
+        with timed(timings, "evaluate"):
+            results = evaluate(model, tokenizer, recipe.eval.tasks, recipe.eval.include_path, recipe.eval.limit,
+                               recipe.eval.batch_size, output=output / "eval_results.json")
     metrics["timings"] = timings
     (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
     write_report(output, recipe, metrics, results)

@@ -1,14 +1,22 @@
-"""The merged model: sources side by side, features carried into the target's residual stream by the SAEs.
+"""The merged model: sources side by side, features carried between residual streams by the SAEs.
 
-forward(ids): each injecting source A runs up to its layer, z_A = Enc_A(h_A); at the target's layer
-  sum:  h_T += scale * sum_A Dec_T(z_A)                        (decoder bias left out: h_T already has the mean)
-  mean: h_T += scale * (mean over {T} + A of Dec_T(z) - Dec_T(z_T))
-        i.e. the target's own reconstruction is averaged with those decoded from the other codes, and the
-        target's reconstruction error h_T - Dec_T(z_T) is kept.
-The target then runs to the end and its head gives the logits. scale = 0 gives the target alone.
+A receiver R gets, at its layer, the features of the other sources A (codes z_A = Enc_A(h_A)):
+  sum:  h_R += scale * t * Dec_R(g * sum_A z_A)                     (no decoder bias: h_R already has the mean)
+  mean: h_R += scale * t * Dec_R(g * sum_A (z_A - z_R) / (n + 1))
+        = the mean of R's own reconstruction and those decoded from the other codes, keeping R's
+          reconstruction error h_R - Dec_R(z_R).
+g is a per-latent gate and t a per-token gate (both 1 unless calibrated; see calibrate.py).
+
+heads decides who receives and which head speaks:
+  target: only `target` receives (from `inject`), and its head gives the logits;
+  mean:   every source receives from all the others; the heads' next-token distributions are averaged;
+  router: the same, mixed per token by a learned router over the sources' residuals.
+scale = 0 gives the target alone (target), the logit ensemble (mean) or a routed ensemble (router).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -23,13 +31,16 @@ class SAEMergedConfig(PretrainedConfig):
     model_type = "saemerge"
 
     def __init__(self, sources: list[dict] | None = None, target: str | None = None, inject: list[str] | None = None,
-                 combine: str = "mean", scale: float = 1.0, latent: dict | None = None, **kwargs):
+                 combine: str = "mean", scale: float = 1.0, heads: str = "target", gates: list[str] | None = None,
+                 latent: dict | None = None, **kwargs):
         # sources: [{"name", "config": the source's config dict, "layer": module path, "d_model"}]
         self.sources = sources or []
         self.target = target
         self.inject = inject if inject is not None else [s["name"] for s in self.sources if s["name"] != target]
         self.combine = combine
         self.scale = scale
+        self.heads = heads
+        self.gates = list(gates or [])
         self.latent = latent or {}  # d_sae, activation, k, bias
         target_config = self.source_config(target) if target else None
         if target_config is not None:
@@ -48,12 +59,24 @@ class SAEMergedConfig(PretrainedConfig):
                 return AutoConfig.for_model(**s["config"])
         return None
 
+    @property
+    def names(self) -> list[str]:
+        return [s["name"] for s in self.sources]
+
+    def senders_to(self, receiver: str) -> list[str]:
+        if self.heads == "target":
+            return list(self.inject) if receiver == self.target else []
+        return [n for n in self.names if n != receiver]
+
+    @property
+    def receivers(self) -> list[str]:
+        return [self.target] if self.heads == "target" else self.names
+
 
 class SAEMergedForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = SAEMergedConfig
     base_model_prefix = "saemerge"
     main_input_name = "input_ids"
-    _supports_cache_class = False
 
     def __init__(self, config: SAEMergedConfig, sources: dict[str, PreTrainedModel] | None = None,
                  saes: dict[str, SparseAutoencoder] | None = None):
@@ -66,6 +89,17 @@ class SAEMergedForCausalLM(PreTrainedModel, GenerationMixin):
         self.sources = nn.ModuleDict(sources)
         self.saes = nn.ModuleDict(saes)
         self.layers = {s["name"]: s["layer"] for s in config.sources}
+        d_all = sum(s["d_model"] for s in config.sources)
+        # Calibration parameters start as the identity: gates of 1 (2 * sigmoid(0)) and a uniform router.
+        self.latent_gates = nn.ParameterDict(
+            {r: nn.Parameter(torch.zeros(config.latent["d_sae"])) for r in config.receivers if "latent" in config.gates})
+        self.token_gates = nn.ModuleDict(
+            {r: nn.Linear(d_all, 1) for r in config.receivers if "token" in config.gates})
+        self.router = nn.Linear(d_all, len(config.sources)) if config.heads == "router" else None
+        for module in [*self.token_gates.values(), self.router]:
+            if module is not None:
+                nn.init.zeros_(module.weight)
+                nn.init.zeros_(module.bias)
         self.post_init()
         self.generation_config.use_cache = False  # each source's KV cache is not wired yet: recompute
 
@@ -75,7 +109,7 @@ class SAEMergedForCausalLM(PreTrainedModel, GenerationMixin):
         self.all_tied_weights_keys.update(self.get_expanded_tied_weights_keys(all_submodels=True))
 
     def _init_weights(self, module):
-        pass  # sources and SAEs arrive trained, or are loaded from the checkpoint
+        pass  # sources and SAEs arrive trained, calibration parameters are set in __init__, or all are loaded
 
     @property
     def target(self) -> PreTrainedModel:
@@ -87,27 +121,77 @@ class SAEMergedForCausalLM(PreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return self.target.get_output_embeddings()
 
-    def injected(self, h_target: torch.Tensor, codes: list[torch.Tensor]) -> torch.Tensor:
-        """What is added to the target's residual stream, given the other sources' codes."""
-        sae = self.saes[self.config.target]
+    def calibration_parameters(self) -> list[nn.Parameter]:
+        """What calibration trains: gates and router (sources and SAEs stay frozen)."""
+        modules = [self.latent_gates, self.token_gates] + ([self.router] if self.router is not None else [])
+        return [p for m in modules for p in m.parameters()]
+
+    # --- the merge ------------------------------------------------------------------------------------------
+    def _features(self, residuals: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Every source's residual at its layer, each divided by its SAE's scale, side by side."""
+        return torch.cat([residuals[n] / self.saes[n].act_scale for n in self.config.names], dim=-1)
+
+    def injected(self, receiver: str, h: torch.Tensor, codes: dict[str, torch.Tensor],
+                 residuals: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """What is added to `receiver`'s residual stream h, given the other sources' codes."""
+        sae = self.saes[receiver]
+        senders = self.config.senders_to(receiver)
         if self.config.combine == "sum":
-            delta = sum(sae.decode(z, bias=False) for z in codes)
+            code = sum(codes[a] for a in senders)
         else:
-            z_t = sae.encode(h_target)
             # Biases cancel in the difference of two reconstructions, so decode the code difference alone.
-            delta = sae.decode(sum(z - z_t for z in codes) / (len(codes) + 1), bias=False)
-        return self.config.scale * delta
+            z_r = codes[receiver] if receiver in codes else sae.encode(h)
+            code = sum(codes[a] - z_r for a in senders) / (len(senders) + 1)
+        if receiver in self.latent_gates:
+            code = code * 2 * torch.sigmoid(self.latent_gates[receiver])
+        delta = sae.decode(code, bias=False)
+        if receiver in self.token_gates:
+            delta = delta * 2 * torch.sigmoid(self.token_gates[receiver](self._features({**residuals, receiver: h})))
+        return self.config.scale * delta.to(h.dtype)
+
+    def _residuals(self, names, input_ids, attention_mask) -> dict[str, torch.Tensor]:
+        """Run each named source up to its layer only."""
+        return {n: run_to_layer(self.sources[n], self.layers[n], input_ids, attention_mask) for n in names}
+
+    def _run_receiver(self, name, input_ids, attention_mask, codes, residuals):
+        """A full forward of source `name`, receiving the others' features at its layer (if any)."""
+        model = self.sources[name]
+        senders = self.config.senders_to(name)
+        if self.config.scale == 0 or not senders:
+            with ResidualHook(model, self.layers[name], "capture") as hook:
+                logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            return logits, hook.captured
+        with ResidualHook(model, self.layers[name], "inject",
+                          vector=lambda h: self.injected(name, h, codes, residuals)):
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        return logits, residuals.get(name)
 
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.LongTensor | None = None, **kwargs) -> CausalLMOutputWithPast:
-        codes = []
-        for name in self.config.inject:
-            h = run_to_layer(self.sources[name], self.layers[name], input_ids, attention_mask)
-            codes.append(self.saes[name].encode(h))
-        with ResidualHook(self.target, self.layers[self.config.target], "inject",
-                          vector=lambda h: self.injected(h, codes)):
-            out = self.target(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False)
-        return CausalLMOutputWithPast(loss=out.loss, logits=out.logits)
+        cfg = self.config
+        exchange = cfg.scale != 0
+        # Senders run to their layer first; receivers that are also senders run twice up to it (simple, not free).
+        senders = sorted({a for r in cfg.receivers for a in cfg.senders_to(r)}, key=cfg.names.index) if exchange else []
+        needs_all = exchange and ("token" in cfg.gates or cfg.heads != "target")
+        residuals = self._residuals(cfg.names if needs_all else senders, input_ids, attention_mask)
+        codes = {n: self.saes[n].encode(h) for n, h in residuals.items()}
+
+        if cfg.heads == "target":
+            logits, _ = self._run_receiver(cfg.target, input_ids, attention_mask, codes, residuals)
+        else:
+            outputs = {n: self._run_receiver(n, input_ids, attention_mask, codes, residuals) for n in cfg.names}
+            log_probs = torch.stack([outputs[n][0].float().log_softmax(-1) for n in cfg.names])  # [S, B, T, V]
+            if cfg.heads == "router":
+                weights = self.router(self._features({n: outputs[n][1] for n in cfg.names})).log_softmax(-1)
+                log_probs = log_probs + weights.permute(2, 0, 1).unsqueeze(-1)
+            else:
+                log_probs = log_probs - math.log(len(cfg.names))
+            logits = log_probs.logsumexp(0)  # log of the mixed distribution: softmax(logits) is the mixture
+        loss = None
+        if labels is not None:
+            loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                               ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
 
 
 def register_auto_classes() -> None:

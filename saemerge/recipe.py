@@ -74,15 +74,24 @@ class TrainSpec(Strict):
     lr: float = Field(1e-3, gt=0, description="Adam learning rate (cosine decay to 10%).")
     seed: int = Field(0, description="Seed for initialisation and data order.")
     eval_tokens: int = Field(16384, gt=0, description="Fresh tokens for the final SAE metrics.")
-    log_every: int = Field(25, gt=0, description="Steps between lines of metrics.jsonl.")
+    log_every: int = Field(25, gt=0, description="Steps between lines of training_log.jsonl.")
     device: str = Field("auto", description="auto (cuda if present, else cpu), cpu, cuda, cuda:1, ...")
 
 
+class CalibrateSpec(Strict):
+    steps: int = Field(0, ge=0, description="Steps of next-token training of the gates and router (sources and SAEs frozen).")
+    lr: float = Field(1e-2, gt=0, description="Adam learning rate for calibration.")
+    batch_tokens: int = Field(2048, gt=0, description="Tokens per calibration step.")
+
+
 class MergeSpec(Strict):
-    target: str = Field(description="Name of the source whose residual stream receives the features.")
-    combine: Literal["sum", "mean"] = Field("mean", description="sum: add decoded features; mean: average reconstructions, keep the target's error.")
-    scale: float = Field(1.0, description="Multiplies what is brought into the target (0 gives the target alone).")
+    target: str = Field(description="Name of the source whose residual stream receives the features (heads: target).")
+    combine: Literal["sum", "mean"] = Field("mean", description="sum: add decoded features; mean: average reconstructions, keep the receiver's error.")
+    scale: float = Field(1.0, description="Multiplies what is brought in (0: no feature exchange).")
     inject: list[str] | None = Field(None, description="Sources whose features are injected (default: all but the target).")
+    heads: Literal["target", "mean", "router"] = Field("target", description="target: one stream, the target's head; mean / router: every source receives the others' features and keeps its head, distributions averaged / mixed per token by a learned router.")
+    gates: list[Literal["latent", "token"]] = Field(default_factory=list, description="Learned gates on what is injected: per latent, per token (trained by calibration).")
+    calibrate: CalibrateSpec = Field(default_factory=CalibrateSpec)
 
 
 class EvalSpec(Strict):

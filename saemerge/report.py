@@ -57,6 +57,11 @@ def write_report(folder: Path, recipe: Recipe, metrics: dict, results: dict | No
         "![training](training_curves.png)",
         "",
     ]
+    calibration = metrics.get("calibration")
+    if calibration:
+        text += ["## Calibration", "",
+                 f"{calibration['steps']} steps; next-token loss on a held-back batch of the training mixture "
+                 f"{calibration['held_back_loss_before']:.4f} -> {calibration['held_back_loss_after']:.4f}.", ""]
     if results:
         text += ["## Evaluation (lm-evaluation-harness)", "", results_table(results), ""]
     timings = metrics.get("timings", {})

@@ -58,6 +58,22 @@ def make_model(family: str, vocab_size: int, seed: int = 0):
     return AutoModelForCausalLM.from_config(config).eval()
 
 
+def train_briefly(model, tokenizer, steps: int = 60):
+    """A few seconds of next-token training on real text: a tiny model that is better than chance."""
+    ids = torch.tensor(tokenizer("\n".join(texts(PROSE, 3) + texts(CODE, 2)))["input_ids"])
+    generator = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - 64, (8,), generator=generator)
+        batch = torch.stack([ids[s:s + 64] for s in starts])
+        loss = model(batch, labels=batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return train_tokenizer(400)
@@ -65,8 +81,8 @@ def tokenizer():
 
 @pytest.fixture(scope="session")
 def zoo(tmp_path_factory, tokenizer):
-    """{family: folder} of tiny random models saved with the shared tokenizer; also 'gpt2_b' (another seed)
-    and 'gpt2_other_tok' (same model, a different tokenizer)."""
+    """{family: folder} of tiny random models saved with the shared tokenizer; also 'gpt2_b' (another seed),
+    'gpt2_trained' (briefly trained) and 'gpt2_other_tok' (a different tokenizer)."""
     root = tmp_path_factory.mktemp("zoo")
     folders = {}
     for i, family in enumerate([*FAMILIES, "gpt2_b"]):
@@ -74,6 +90,9 @@ def zoo(tmp_path_factory, tokenizer):
         folders[family] = root / family
         model.save_pretrained(folders[family])
         tokenizer.save_pretrained(folders[family])
+    folders["gpt2_trained"] = root / "gpt2_trained"
+    train_briefly(make_model("gpt2", len(tokenizer), seed=7), tokenizer).save_pretrained(folders["gpt2_trained"])
+    tokenizer.save_pretrained(folders["gpt2_trained"])
     other = root / "gpt2_other_tok"
     make_model("gpt2", len(tokenizer)).save_pretrained(other)
     train_tokenizer(300).save_pretrained(other)

@@ -57,10 +57,10 @@ def merged_in_memory(zoo, tmp_path, **overrides):
     return recipe, build_merged(recipe, sources, saes, paths), saes, metrics
 
 
-def test_saved_model_equals_in_memory_model(zoo, tmp_path):
+def test_cli_output_equals_the_in_memory_model(zoo, tmp_path, merged_dir):
+    """The folder `saemerge merge` wrote loads back with exactly the logits of the same recipe built in memory."""
     _, model, _, _ = merged_in_memory(zoo, tmp_path)
-    model.save_pretrained(tmp_path / "saved")
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+    loaded = AutoModelForCausalLM.from_pretrained(merged_dir)
     with torch.no_grad():
         assert torch.equal(model(IDS).logits, loaded(IDS).logits)
 
@@ -85,7 +85,7 @@ def test_mean_combine_arithmetic(zoo, tmp_path):
     z_a, z_b = saes["a"].encode(h_a), saes["b"].encode(h_b)
     expected = h_b + 0.5 * ((saes["b"].decode(z_a) - saes["b"].b_dec * saes["b"].act_scale)
                             - (saes["b"].decode(z_b) - saes["b"].b_dec * saes["b"].act_scale))
-    torch.testing.assert_close(h_b + model.injected(h_b, [z_a]), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h_b + model.injected("b", h_b, {"a": z_a}), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_training_is_deterministic_for_a_seed(zoo, tmp_path):
@@ -130,3 +130,34 @@ def test_any_family_can_be_a_target(zoo, tmp_path):
         model = build_merged(recipe, sources, saes, paths)
         with torch.no_grad():
             assert torch.isfinite(model(IDS).logits).all()
+
+
+def test_heads_mean_without_exchange_is_the_logit_ensemble(zoo, tmp_path):
+    _, model, _, _ = merged_in_memory(zoo, tmp_path, merge__heads="mean", merge__scale=0.0)
+    with torch.no_grad():
+        probs = [model.sources[n](IDS).logits.softmax(-1) for n in ("a", "b")]
+        torch.testing.assert_close(model(IDS).logits.softmax(-1), (probs[0] + probs[1]) / 2)
+
+
+def test_router_starts_uniform_and_exchange_changes_both_heads(zoo, tmp_path):
+    _, routed, _, _ = merged_in_memory(zoo, tmp_path, merge__heads="router")
+    _, mean, _, _ = merged_in_memory(zoo, tmp_path, merge__heads="mean")
+    _, ensemble, _, _ = merged_in_memory(zoo, tmp_path, merge__heads="mean", merge__scale=0.0)
+    with torch.no_grad():
+        torch.testing.assert_close(routed(IDS).logits, mean(IDS).logits)
+        assert not torch.allclose(mean(IDS).logits, ensemble(IDS).logits)
+
+
+def test_calibration_trains_only_gates_and_router_and_lowers_the_loss(zoo, tmp_path, write_recipe):
+    """A briefly trained GPT-2 beside a random Llama: the router must learn to trust the trained head."""
+    raw = recipe_dict(zoo["gpt2_trained"], zoo["llama"], tmp_path / "out", merge__heads="router",
+                      merge__gates=["latent", "token"], merge__calibrate={"steps": 30, "lr": 0.05, "batch_tokens": 256})
+    assert main(["merge", str(write_recipe(raw)), "--quiet"]) == 0
+    metrics = json.loads((tmp_path / "out/metrics.json").read_text())["calibration"]
+    assert metrics["held_back_loss_after"] < metrics["held_back_loss_before"] - 0.1
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.router.weight.abs().sum() > 0 and model.latent_gates["a"].abs().sum() > 0
+    assert set(model.token_gates) == {"a", "b"}
+    # Sources and SAEs are untouched by calibration.
+    source = AutoModelForCausalLM.from_pretrained(zoo["gpt2_trained"])
+    assert torch.equal(model.sources["a"].transformer.h[2].mlp.c_fc.weight, source.transformer.h[2].mlp.c_fc.weight)

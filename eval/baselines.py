@@ -1,0 +1,50 @@
+"""Baselines the SAE merge is measured against (benchmark code, not part of the saemerge package).
+
+- the logit ensemble and the routed ensemble are SAEMergedForCausalLM with scale 0 (heads mean / router);
+- the linear stitch: a dense map from one source's residual into the other's at the same layer, trained on
+  next-token loss: the non-sparse bridge the SAE route has to beat;
+- weight averaging: mergekit's `linear` method, run as its users run it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from torch import nn
+
+from saemerge import SAEMergedForCausalLM
+
+
+class StitchedForCausalLM(SAEMergedForCausalLM):
+    """h_T += W h_A + b at the target's layer (W, b start at zero): SAEMergedForCausalLM with the SAE path
+    replaced by one dense linear map per injecting source."""
+
+    def __init__(self, config, sources=None, saes=None):
+        super().__init__(config, sources, saes)
+        d = {s["name"]: s["d_model"] for s in config.sources}
+        self.stitches = nn.ModuleDict({a: nn.Linear(d[a], d[config.target]) for a in config.inject})
+        for stitch in self.stitches.values():
+            nn.init.zeros_(stitch.weight)
+            nn.init.zeros_(stitch.bias)
+
+    def calibration_parameters(self):
+        return list(self.stitches.parameters())
+
+    def injected(self, receiver, h, codes, residuals=None):
+        return sum(self.stitches[a](residuals[a].float()) for a in self.config.inject).to(h.dtype)
+
+
+def mergekit_linear(models: list[Path], output: Path, weights: list[float] | None = None) -> Path:
+    """Average the weights with mergekit's `linear` method through its own command line."""
+    weights = weights or [1 / len(models)] * len(models)
+    config = {"merge_method": "linear", "dtype": "float32",
+              "models": [{"model": str(m), "parameters": {"weight": w}} for m, w in zip(models, weights)]}
+    output.mkdir(parents=True, exist_ok=True)
+    (output.parent / f"{output.name}.mergekit.yml").write_text(yaml.safe_dump(config))
+    cli = Path(sys.executable).with_name("mergekit-yaml")
+    subprocess.run([str(cli), str(output.parent / f"{output.name}.mergekit.yml"), str(output), "--copy-tokenizer"],
+                   check=True, capture_output=True, text=True)
+    return output
