@@ -19,22 +19,23 @@ from saemerge import SAEMergedForCausalLM
 
 
 class StitchedForCausalLM(SAEMergedForCausalLM):
-    """h_T += W h_A + b at the target's layer (W, b start at zero): SAEMergedForCausalLM with the SAE path
-    replaced by one dense linear map per injecting source."""
+    """h_T += W h_A + b at the target's layers (W, b start at zero): SAEMergedForCausalLM with the SAE path
+    replaced by one dense linear map per injecting source and site."""
 
     def __init__(self, config, sources=None, saes=None):
         super().__init__(config, sources, saes)
         d = {s["name"]: s["d_model"] for s in config.sources}
-        self.stitches = nn.ModuleDict({a: nn.Linear(d[a], d[config.target]) for a in config.inject})
-        for stitch in self.stitches.values():
+        self.stitches = nn.ModuleList([nn.ModuleDict({a: nn.Linear(d[a], d[config.target]) for a in config.inject})
+                                       for _ in range(config.n_sites)])
+        for stitch in (s for site in self.stitches for s in site.values()):
             nn.init.zeros_(stitch.weight)
             nn.init.zeros_(stitch.bias)
 
     def calibration_parameters(self):
         return list(self.stitches.parameters())
 
-    def injected(self, receiver, h, codes, residuals=None):
-        return sum(self.stitches[a](residuals[a].float()) for a in self.config.inject).to(h.dtype)
+    def injected(self, receiver, site, h, codes, residuals=None):
+        return sum(self.stitches[site][a](residuals[a].float()) for a in self.config.inject).to(h.dtype)
 
 
 def mergekit_linear(models: list[Path], output: Path, weights: list[float] | None = None) -> Path:
@@ -45,6 +46,8 @@ def mergekit_linear(models: list[Path], output: Path, weights: list[float] | Non
     output.mkdir(parents=True, exist_ok=True)
     (output.parent / f"{output.name}.mergekit.yml").write_text(yaml.safe_dump(config))
     cli = Path(sys.executable).with_name("mergekit-yaml")
-    subprocess.run([str(cli), str(output.parent / f"{output.name}.mergekit.yml"), str(output), "--copy-tokenizer"],
-                   check=True, capture_output=True, text=True)
+    proc = subprocess.run([str(cli), str(output.parent / f"{output.name}.mergekit.yml"), str(output),
+                           "--copy-tokenizer"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"mergekit-yaml failed: {proc.stderr.strip().splitlines()[-1:]}")
     return output

@@ -150,7 +150,7 @@ class Bench:
     def spliced_control(self, name):
         def build():
             model = self.sources()[name]
-            self._hooks.append(ResidualHook(model, self.paths[name], "replace", sae=self.saes()[name]).attach())
+            self._hooks.append(ResidualHook(model, self.paths[name][-1], "replace", sae=self.saes()[-1][name]).attach())
             return model, None
         return build
 
@@ -213,7 +213,7 @@ class Bench:
                 entry[combine] = self.score(build_merged(recipe, self.sources(), saes, self.paths))
             self.results["ablation"][name] = entry
             self.json_path.write_text(json.dumps(self.results, indent=2))
-            m = metrics["sources"]
+            m = metrics["sites"][-1]["sources"]
             print(f"ablation {name:40s} mix mean {entry['mean']['mix']['loss']:.3f} sum {entry['sum']['mix']['loss']:.3f} "
                   f"EV {m['prose']['explained_variance']:.2f}/{m['code']['explained_variance']:.2f}", flush=True)
 

@@ -48,7 +48,8 @@ def ablation_table(ablation: dict) -> list[str]:
              "active-set Jaccard | merge into code, mean: prose / code / mixture | sum: mixture |",
              "|---|---|---|---|---|---|---|"]
     for name, a in ablation.items():
-        s, p = a["sae_metrics"]["sources"], a["sae_metrics"]["pairs"]["prose->code"]
+        site = a["sae_metrics"]["sites"][-1]
+        s, p = site["sources"], site["pairs"]["prose->code"]
         m = a["mean"]
         lines.append(f"| {name} | {s['prose']['explained_variance']:.3f} / {s['code']['explained_variance']:.3f} | "
                      f"{s['prose']['dead_fraction']:.1%} / {s['code']['dead_fraction']:.1%} | "
@@ -93,7 +94,9 @@ def write_report(json_path: Path) -> Path:
         lines += ["Goals (baselines named in each column):", ""] + goals_table(rows) + [""]
     if data.get("sae_metrics"):
         from saemerge.report import sae_table
-        lines += ["Shared SAEs of the merged rows:", "", sae_table(data["sae_metrics"]), ""]
+        lines += ["Shared SAEs of the merged rows:", ""]
+        for site in data["sae_metrics"]["sites"]:
+            lines += ["Layers: " + ", ".join(f"{n} `{p}`" for n, p in site["layers"].items()), "", sae_table(site), ""]
     if data.get("ablation"):
         lines += ["Ablation (one switch at a time, same budget):", ""] + ablation_table(data["ablation"]) + [""]
     md = Path(json_path).with_suffix(".md")

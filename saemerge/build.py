@@ -7,14 +7,14 @@ from .recipe import Recipe
 from .sae import SparseAutoencoder
 
 
-def build_merged(recipe: Recipe, sources: dict, saes: dict[str, SparseAutoencoder],
-                 paths: dict[str, str]) -> SAEMergedForCausalLM:
+def build_merged(recipe: Recipe, sources: dict, saes: list[dict[str, SparseAutoencoder]],
+                 paths: dict[str, list[str]]) -> SAEMergedForCausalLM:
     """Sources are used as they are (not copied); the result is in eval mode."""
     latent = {"d_sae": recipe.latent.size, "activation": recipe.latent.activation, "k": recipe.latent.k,
               "bias": recipe.latent.bias}
     config = SAEMergedConfig(
-        sources=[{"name": name, "config": model.config.to_dict(), "layer": paths[name],
-                  "d_model": saes[name].cfg.d_in} for name, model in sources.items()],
+        sources=[{"name": name, "config": model.config.to_dict(), "layers": paths[name],
+                  "d_model": saes[0][name].cfg.d_in} for name, model in sources.items()],
         target=recipe.merge.target, inject=recipe.injecting, combine=recipe.merge.combine,
         scale=recipe.merge.scale, heads=recipe.merge.heads, gates=recipe.merge.gates, latent=latent)
     return SAEMergedForCausalLM(config, sources=sources, saes=saes).eval()

@@ -24,7 +24,7 @@ def cmd_validate(args) -> int:
     paths = validate(recipe, overwrite=True)
     print(f"{args.recipe}: ok")
     for spec in recipe.models:
-        print(f"  {spec.name}: {spec.model}  layer {spec.layer!r} -> {paths[spec.name]}")
+        print(f"  {spec.name}: {spec.model}  layer {spec.layer!r} -> {', '.join(paths[spec.name])}")
     return 0
 
 

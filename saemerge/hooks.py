@@ -114,14 +114,33 @@ class ResidualHook:
         return (new, *output[1:]) if isinstance(output, tuple) else new
 
 
+def run_to_layers(model: nn.Module, layers: list[int | str], input_ids: torch.Tensor,
+                  attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Residual streams at `layers`, running the model only until the last of them has run (no LM head)."""
+    captured: dict[int, torch.Tensor] = {}
+
+    def capture(index):
+        def hook(module, args, output):
+            captured[index] = output[0] if isinstance(output, tuple) else output
+            if len(captured) == len(layers):
+                raise StopForward
+        return hook
+
+    modules = [model.get_submodule(resolve_layer(model, layer)) for layer in layers]
+    handles = [m.register_forward_hook(capture(i)) for i, m in enumerate(modules)]
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    if len(captured) < len(layers):
+        raise RuntimeError(f"layers {[l for i, l in enumerate(layers) if i not in captured]!r} did not run")
+    return [captured[i] for i in range(len(layers))]
+
+
 def run_to_layer(model: nn.Module, layer: int | str, input_ids: torch.Tensor,
                  attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Residual stream at `layer`, running the model only that far (no later blocks, no LM head)."""
-    with ResidualHook(model, layer, "capture", stop=True) as hook:
-        try:
-            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        except StopForward:
-            pass
-    if hook.captured is None:
-        raise RuntimeError(f"layer {layer!r} did not run in the forward pass")
-    return hook.captured
+    return run_to_layers(model, [layer], input_ids, attention_mask)[0]

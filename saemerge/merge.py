@@ -20,7 +20,7 @@ from .train import train_saes
 
 
 def validate(recipe: Recipe, output: str | Path | None = None, overwrite: bool = False) -> dict[str, str]:
-    """Every check that can run before training; returns {source: module path of its layer}."""
+    """Every check that can run before training; returns {source: module paths of its layers}."""
     output = Path(output or recipe.output)
     errors = []
     if output.exists() and not overwrite:
@@ -51,8 +51,9 @@ def save_atomically(model, tokenizer, recipe: Recipe, saes: dict, metrics: dict,
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        for name, sae in saes.items():
-            sae.save(tmp / "saes" / name)
+        for site, site_metrics in zip(saes, metrics["sites"]):
+            for name, sae in site.items():
+                sae.save(tmp / "saes" / name / site_metrics["layers"][name])
         (tmp / "recipe.yaml").write_text(recipe_yaml(recipe))
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
         shutil.copy(log, tmp / "training_log.jsonl")

@@ -31,8 +31,12 @@ class SourceSpec(Strict):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     gguf_file: str | None = Field(None, description="A .gguf file inside `model` to load instead of safetensors.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Dtype the source runs in.")
-    layer: int | str = Field(description="Block index i (the residual stream after block i = hidden_states[i+1]) or a module path.")
+    layer: int | str | list[int | str] = Field(description="Block index i (the residual stream after block i = hidden_states[i+1]), a module path, or a list of them (one shared latent space per position in the list).")
     trust_remote_code: bool = Field(False, description="Allow the source's own modeling code from its folder.")
+
+    @property
+    def layers(self) -> list[int | str]:
+        return list(self.layer) if isinstance(self.layer, list) else [self.layer]
 
 
 class LatentSpec(Strict):
@@ -128,6 +132,13 @@ def _cross_field_errors(recipe: Recipe) -> list[str]:
     for i, name in enumerate(names):
         if name in names[:i]:
             errors.append(f"models.{i}.name: '{name}' is used twice; expected unique source names")
+    counts = [len(s.layers) for s in recipe.models]
+    for i, spec in enumerate(recipe.models):
+        if counts[i] == 0:
+            errors.append(f"models.{i}.layer: empty list; expected at least one layer")
+        elif counts[i] != counts[0]:
+            errors.append(f"models.{i}.layer: {counts[i]} layers; expected as many as models.0 ({counts[0]}): "
+                          "the i-th layers of all sources share one latent space")
     if recipe.merge.target not in names:
         errors.append(f"merge.target: '{recipe.merge.target}' is not a source; expected one of {names}")
     for j, name in enumerate(recipe.merge.inject or []):

@@ -43,20 +43,23 @@ def sae_table(metrics: dict) -> str:
 
 def write_report(folder: Path, recipe: Recipe, metrics: dict, results: dict | None) -> str:
     sources = ", ".join(f"`{s.name}` ({s.model}, layer {s.layer})" for s in recipe.models)
+    m = recipe.merge
     text = [
         f"# {recipe.name}",
         "",
-        f"Sources: {sources}. Target: `{recipe.merge.target}`, combine `{recipe.merge.combine}`, scale {recipe.merge.scale}.",
+        f"Sources: {sources}. Heads: `{m.heads}`, target `{m.target}`, combine `{m.combine}`, scale {m.scale}, "
+        f"gates {m.gates or 'none'}.",
         f"Latent: {recipe.latent.size} {recipe.latent.activation} latents; trained {metrics['steps']} steps on "
-        f"{metrics['train_tokens']:,} tokens; measured on {metrics['tokens']:,} held-back tokens.",
+        f"{metrics['train_tokens']:,} tokens; measured on {metrics['sites'][0]['tokens']:,} held-back tokens.",
         "",
         "## Sparse autoencoders",
         "",
-        sae_table(metrics),
-        "",
-        "![training](training_curves.png)",
-        "",
     ]
+    for site in metrics["sites"]:
+        if len(metrics["sites"]) > 1:
+            text += ["Layers: " + ", ".join(f"{name} `{path}`" for name, path in site["layers"].items()), ""]
+        text += [sae_table(site), ""]
+    text += ["![training](training_curves.png)", ""]
     calibration = metrics.get("calibration")
     if calibration:
         text += ["## Calibration", "",

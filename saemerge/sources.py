@@ -52,7 +52,7 @@ def _tokenizers_match(a, b) -> bool:
 
 
 def check_sources(recipe: Recipe) -> dict:
-    """Check what needs the models' configs and tokenizers; return {name: module path of its layer}.
+    """Check what needs the models' configs and tokenizers; return {name: module paths of its layers}.
 
     Cheap: reads configs and tokenizers, and builds each architecture on the meta device (no weights).
     Raises RecipeError with every problem found.
@@ -75,7 +75,7 @@ def check_sources(recipe: Recipe) -> dict:
             errors.append(f"{where}.model: cannot load '{spec.model}' as a causal LM: {_one_line(e)}")
             continue
         try:
-            paths[spec.name] = resolve_layer(skeleton, spec.layer)
+            paths[spec.name] = [resolve_layer(skeleton, layer) for layer in spec.layers]
         except ValueError as e:
             errors.append(f"{where}.layer: {e}")
         try:

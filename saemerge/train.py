@@ -77,9 +77,15 @@ def measure(saes: dict[str, SparseAutoencoder], batches: list[dict[str, torch.Te
     return out
 
 
-def train_saes(recipe: Recipe, sources: dict, paths: dict[str, str], tokenizer,
-               log_path: str | Path | None = None, progress: bool = True) -> tuple[dict[str, SparseAutoencoder], dict]:
-    """Train the aligned SAEs on the recipe's data; return them and their final metrics."""
+def _tokens(batch: list[dict[str, torch.Tensor]]) -> int:
+    return next(iter(batch[0].values())).shape[0]
+
+
+def train_saes(recipe: Recipe, sources: dict, paths: dict[str, list[str]], tokenizer,
+               log_path: str | Path | None = None,
+               progress: bool = True) -> tuple[list[dict[str, SparseAutoencoder]], dict]:
+    """Train the aligned SAEs on the recipe's data: per site (position in the sources' layer lists), one SAE
+    per source sharing one latent space. Return them (site-major) and their final metrics."""
     device = resolve_device(recipe.train.device)
     torch.manual_seed(recipe.train.seed)
     generator = torch.Generator().manual_seed(recipe.train.seed)
@@ -89,22 +95,23 @@ def train_saes(recipe: Recipe, sources: dict, paths: dict[str, str], tokenizer,
 
     # Enough first batches to give every latent its own sampled token when initialising from data.
     first = [next(stream)]
-    per_batch = next(iter(first[0].values())).shape[0]
-    while recipe.latent.init == "data" and per_batch * len(first) < recipe.latent.size:
+    while recipe.latent.init == "data" and _tokens(first[0]) * len(first) < recipe.latent.size:
         first.append(next(stream))
-    init_acts = {name: torch.cat([b[name] for b in first]) for name in sources}
-    n_init = next(iter(init_acts.values())).shape[0]
-    rows = torch.randperm(n_init, generator=generator)[: recipe.latent.size] if recipe.latent.init == "data" else None
+    rows = torch.randperm(_tokens(first[0]) * len(first), generator=generator)[: recipe.latent.size] \
+        if recipe.latent.init == "data" else None
 
-    saes = {}
-    for name, x in init_acts.items():
-        sae = SparseAutoencoder(SAEConfig(d_in=x.shape[-1], d_sae=recipe.latent.size, activation=recipe.latent.activation,
-                                          k=recipe.latent.k, bias=recipe.latent.bias))
-        sae.init_random(generator)
-        sae.init_from_data(x, rows)
-        saes[name] = sae.to(device)
-    params = [p for sae in saes.values() for p in sae.parameters()]
-    optimizer = torch.optim.Adam(params, lr=recipe.train.lr)
+    saes = []
+    for site in range(len(first[0])):
+        saes.append({})
+        for name in sources:
+            x = torch.cat([batch[site][name] for batch in first])
+            sae = SparseAutoencoder(SAEConfig(d_in=x.shape[-1], d_sae=recipe.latent.size, k=recipe.latent.k,
+                                              activation=recipe.latent.activation, bias=recipe.latent.bias))
+            sae.init_random(generator)
+            sae.init_from_data(x, rows)
+            saes[site][name] = sae.to(device)
+    every_sae = [sae for site in saes for sae in site.values()]
+    optimizer = torch.optim.Adam([p for sae in every_sae for p in sae.parameters()], lr=recipe.train.lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)))
 
@@ -112,31 +119,35 @@ def train_saes(recipe: Recipe, sources: dict, paths: dict[str, str], tokenizer,
     bar = tqdm(range(steps), desc="training SAEs", disable=not progress, unit="step")
     batches = itertools.chain(first, stream)
     for step in bar:
-        acts = {name: x.to(device) for name, x in next(batches).items()}
-        parts = losses(recipe, saes, acts)
+        batch = next(batches)
+        site_parts = [losses(recipe, saes[site], {n: x.to(device) for n, x in acts.items()})
+                      for site, acts in enumerate(batch)]
+        parts = {key: sum(p[key] for p in site_parts) for key in site_parts[0]}
         optimizer.zero_grad(set_to_none=True)
         parts["total"].backward()
-        for sae in saes.values():
+        for sae in every_sae:
             sae.remove_parallel_grads()
         optimizer.step()
         schedule.step()
-        for sae in saes.values():
+        for sae in every_sae:
             sae.normalize_decoder()
         if step % recipe.train.log_every == 0 or step == steps - 1:
             row = {"step": step, "tokens": (step + 1) * batch_size * recipe.data.seq_len,
                    **{k: v.item() for k, v in parts.items()}}
-            bar.set_postfix(fvu=f"{row['recon'] / len(saes):.3f}", align=f"{row['align']:.3f}")
+            bar.set_postfix(fvu=f"{row['recon'] / len(every_sae):.3f}", align=f"{row['align']:.3f}")
             if log:
                 log.write(json.dumps(row) + "\n")
                 log.flush()
     if log:
         log.close()
 
-    held_back, seen = [], 0
-    while seen < recipe.train.eval_tokens:
-        batch = {name: x.to(device) for name, x in next(stream).items()}
-        held_back.append(batch)
-        seen += next(iter(batch.values())).shape[0]
-    metrics = measure(saes, held_back)
-    metrics.update(steps=steps, train_tokens=steps * batch_size * recipe.data.seq_len)
-    return {name: sae.eval() for name, sae in saes.items()}, metrics
+    held_back = []
+    while sum(_tokens(b) for b in held_back) < recipe.train.eval_tokens:
+        held_back.append([{n: x.to(device) for n, x in acts.items()} for acts in next(stream)])
+    metrics = {"sites": [{"layers": {n: paths[n][site] for n in sources},
+                          **measure(saes[site], [b[site] for b in held_back])} for site in range(len(saes))],
+               "steps": steps, "train_tokens": steps * batch_size * recipe.data.seq_len}
+    for site in saes:
+        for sae in site.values():
+            sae.eval()
+    return saes, metrics

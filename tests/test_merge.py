@@ -29,11 +29,14 @@ def test_output_folder_is_complete(merged_dir):
     names = {p.name for p in merged_dir.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "recipe.yaml", "metrics.json", "report.md",
             "training_log.jsonl", "training_curves.png", "saes"} <= names
-    assert {p.name for p in (merged_dir / "saes").iterdir()} == {"a", "b"}
+    assert (merged_dir / "saes/a/transformer.h.1/sae.safetensors").is_file()
+    assert (merged_dir / "saes/b/model.layers.1/cfg.json").is_file()
     metrics = json.loads((merged_dir / "metrics.json").read_text())
-    assert set(metrics["sources"]["a"]) == {"explained_variance", "l0", "dead_fraction"}
-    assert metrics["sources"]["a"]["l0"] <= 8  # topk with k = 8
-    assert {"cross_explained_variance", "code_cosine", "active_jaccard"} <= set(metrics["pairs"]["a->b"])
+    site = metrics["sites"][0]
+    assert site["layers"] == {"a": "transformer.h.1", "b": "model.layers.1"}
+    assert set(site["sources"]["a"]) == {"explained_variance", "l0", "dead_fraction"}
+    assert site["sources"]["a"]["l0"] <= 8  # topk with k = 8
+    assert {"cross_explained_variance", "code_cosine", "active_jaccard"} <= set(site["pairs"]["a->b"])
     assert not list(merged_dir.parent.glob(".out*"))  # no temporary leftovers
 
 
@@ -82,28 +85,29 @@ def test_mean_combine_arithmetic(zoo, tmp_path):
     _, model, saes, _ = merged_in_memory(zoo, tmp_path)
     h_a = saemerge.run_to_layer(model.sources["a"], 1, IDS)
     h_b = saemerge.run_to_layer(model.sources["b"], 1, IDS)
-    z_a, z_b = saes["a"].encode(h_a), saes["b"].encode(h_b)
-    expected = h_b + 0.5 * ((saes["b"].decode(z_a) - saes["b"].b_dec * saes["b"].act_scale)
-                            - (saes["b"].decode(z_b) - saes["b"].b_dec * saes["b"].act_scale))
-    torch.testing.assert_close(h_b + model.injected("b", h_b, {"a": z_a}), expected, rtol=1e-5, atol=1e-5)
+    sae_a, sae_b = saes[0]["a"], saes[0]["b"]
+    z_a, z_b = sae_a.encode(h_a), sae_b.encode(h_b)
+    expected = h_b + 0.5 * ((sae_b.decode(z_a) - sae_b.b_dec * sae_b.act_scale)
+                            - (sae_b.decode(z_b) - sae_b.b_dec * sae_b.act_scale))
+    torch.testing.assert_close(h_b + model.injected("b", 0, h_b, {"a": z_a}), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_training_is_deterministic_for_a_seed(zoo, tmp_path):
     _, _, saes_1, metrics_1 = merged_in_memory(zoo, tmp_path)
     _, _, saes_2, metrics_2 = merged_in_memory(zoo, tmp_path)
-    for name in saes_1:
-        for key, tensor in saes_1[name].state_dict().items():
-            assert torch.equal(tensor, saes_2[name].state_dict()[key]), (name, key)
+    for name in saes_1[0]:
+        for key, tensor in saes_1[0][name].state_dict().items():
+            assert torch.equal(tensor, saes_2[0][name].state_dict()[key]), (name, key)
     assert metrics_1 == metrics_2
     _, _, saes_3, _ = merged_in_memory(zoo, tmp_path, train__seed=1)
-    assert not torch.equal(saes_1["a"].W_enc, saes_3["a"].W_enc)
+    assert not torch.equal(saes_1[0]["a"].W_enc, saes_3[0]["a"].W_enc)
 
 
 def test_alignment_term_aligns_codes(zoo, tmp_path):
     """Same budget, align on vs off: the codes the two models give the same token agree more with it on."""
     on = merged_in_memory(zoo, tmp_path, latent__align=5.0, data__tokens=8192)[3]
     off = merged_in_memory(zoo, tmp_path, latent__align=0.0, latent__cross=0.0, data__tokens=8192)[3]
-    assert on["pairs"]["a->b"]["code_cosine"] > off["pairs"]["a->b"]["code_cosine"] + 0.05
+    assert on["sites"][0]["pairs"]["a->b"]["code_cosine"] > off["sites"][0]["pairs"]["a->b"]["code_cosine"] + 0.05
 
 
 def test_generate_greedy_matches_argmax_loop(merged_dir):
@@ -156,8 +160,32 @@ def test_calibration_trains_only_gates_and_router_and_lowers_the_loss(zoo, tmp_p
     metrics = json.loads((tmp_path / "out/metrics.json").read_text())["calibration"]
     assert metrics["held_back_loss_after"] < metrics["held_back_loss_before"] - 0.1
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
-    assert model.router.weight.abs().sum() > 0 and model.latent_gates["a"].abs().sum() > 0
-    assert set(model.token_gates) == {"a", "b"}
+    assert model.router.weight.abs().sum() > 0 and model.latent_gates[0]["a"].abs().sum() > 0
+    assert set(model.token_gates[0]) == {"a", "b"}
     # Sources and SAEs are untouched by calibration.
     source = AutoModelForCausalLM.from_pretrained(zoo["gpt2_trained"])
     assert torch.equal(model.sources["a"].transformer.h[2].mlp.c_fc.weight, source.transformer.h[2].mlp.c_fc.weight)
+
+
+def test_several_layers_per_source(zoo, tmp_path, write_recipe):
+    """layer: [0, 2] gives two sites, each with its own shared latent space, gates and injection hook."""
+    raw = recipe_dict(zoo["gpt2"], zoo["llama"], tmp_path / "out", data__tokens=1024, merge__gates=["latent"])
+    raw["models"][0]["layer"] = [0, 2]
+    raw["models"][1]["layer"] = [0, "model.layers.2"]
+    assert main(["merge", str(write_recipe(raw)), "--quiet"]) == 0
+    metrics = json.loads((tmp_path / "out/metrics.json").read_text())
+    assert [s["layers"] for s in metrics["sites"]] == [{"a": "transformer.h.0", "b": "model.layers.0"},
+                                                       {"a": "transformer.h.2", "b": "model.layers.2"}]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert len(model.saes) == 2 and len(model.latent_gates) == 2
+    with torch.no_grad():
+        merged = model(IDS).logits
+        # Each site injects: silencing one site's SAE path (gate 0 = logit -inf) changes the output.
+        model.latent_gates[0]["b"].fill_(-1e4)
+        one_site = model(IDS).logits
+        model.config.scale = 0.0
+        alone = model(IDS).logits
+    assert not torch.allclose(merged, one_site) and not torch.allclose(one_site, alone)
+    assert torch.equal(alone, model.sources["b"](IDS).logits)
+    raw["models"][1]["layer"] = [1]
+    assert main(["validate", str(write_recipe(raw))]) == 2
