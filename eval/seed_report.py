@@ -51,11 +51,12 @@ def ablation_table(ablation: dict) -> list[str]:
         site = a["sae_metrics"]["sites"][-1]
         s, p = site["sources"], site["pairs"]["prose->code"]
         m = a["mean"]
+        sum_cell = f"{a['sum']['mix']['loss']:.3f}" if "sum" in a else "-"
         lines.append(f"| {name} | {s['prose']['explained_variance']:.3f} / {s['code']['explained_variance']:.3f} | "
                      f"{s['prose']['dead_fraction']:.1%} / {s['code']['dead_fraction']:.1%} | "
                      f"{p['cross_explained_variance']:.3f} | {p['active_jaccard']:.3f} | "
                      f"{m['prose']['loss']:.3f} / {m['code']['loss']:.3f} / {m['mix']['loss']:.3f} | "
-                     f"{a['sum']['mix']['loss']:.3f} |")
+                     f"{sum_cell} |")
     return lines
 
 

@@ -18,6 +18,7 @@ scale = 0 gives the target alone (target), the logit ensemble (mean) or a routed
 from __future__ import annotations
 
 import math
+from contextlib import ExitStack
 
 import torch
 from torch import nn
@@ -172,16 +173,11 @@ class SAEMergedForCausalLM(PreTrainedModel, GenerationMixin):
             with ResidualHook(model, self.layers[name][-1], "capture") as hook:
                 logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
             return logits, hook.captured
-        hooks = [ResidualHook(model, layer, "inject",
-                              vector=lambda h, site=site: self.injected(name, site, h, codes[site], residuals[site]))
-                 for site, layer in enumerate(self.layers[name])]
-        try:
-            for hook in hooks:
-                hook.attach()
+        with ExitStack() as hooks:
+            for site, layer in enumerate(self.layers[name]):
+                hooks.enter_context(ResidualHook(model, layer, "inject", vector=lambda h, site=site: self.injected(
+                    name, site, h, codes[site], residuals[site])))
             logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        finally:
-            for hook in hooks:
-                hook.detach()
         return logits, residuals[-1].get(name)
 
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,

@@ -63,7 +63,7 @@ class DatasetSpec(Strict):
     data_files: str | list[str] | dict[str, str | list[str]] | None = Field(None, description="Local files for json/text/parquet.")
     split: str = Field("train", description="Split to read.")
     text_column: str = Field("text", description="Column holding the text.")
-    weight: float = Field(1.0, gt=0, description="Sampling weight in the mixture (normalised).")
+    weight: float = Field(1.0, gt=0, description="Share of the mixture's tokens (normalised): each sequence comes from one dataset.")
 
 
 class DataSpec(Strict):
@@ -79,6 +79,7 @@ class TrainSpec(Strict):
     seed: int = Field(0, description="Seed for initialisation and data order.")
     eval_tokens: int = Field(16384, gt=0, description="Fresh tokens for the final SAE metrics.")
     log_every: int = Field(25, gt=0, description="Steps between lines of training_log.jsonl.")
+    resample_every: int = Field(25, ge=0, description="Steps between resamplings of latents dead in every source (0: never).")
     device: str = Field("auto", description="auto (cuda if present, else cpu), cpu, cuda, cuda:1, ...")
 
 

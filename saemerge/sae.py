@@ -73,6 +73,19 @@ class SparseAutoencoder(nn.Module):
         recon = self.encode(x * self.act_scale) @ self.W_dec
         self.W_enc.mul_((centred * recon).sum() / recon.pow(2).sum().clamp_min(1e-12))
 
+    @torch.no_grad()
+    def resample(self, latents: torch.Tensor, directions: torch.Tensor) -> None:
+        """Restart `latents` as the given input-space `directions` [len(latents), d_in] (normalised here), with
+        encoder columns at a fifth of the mean norm of the live ones and no encoder bias."""
+        live = torch.ones(self.cfg.d_sae, dtype=torch.bool, device=latents.device)
+        live[latents] = False
+        norm = self.W_enc[:, live].norm(dim=0).mean() if live.any() else torch.tensor(1.0)
+        directions = directions / directions.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        self.W_dec[latents] = directions
+        self.W_enc[:, latents] = directions.T * norm * 0.2
+        if self.cfg.bias:
+            self.b_enc[latents] = 0.0
+
     # --- forward --------------------------------------------------------------------------------------------
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.W_enc.dtype) / self.act_scale

@@ -32,9 +32,14 @@ def pairs(names: list[str]):
     return list(itertools.combinations(names, 2))
 
 
-def losses(recipe: Recipe, saes: dict[str, SparseAutoencoder], acts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def losses(recipe: Recipe, saes: dict[str, SparseAutoencoder], acts: dict[str, torch.Tensor],
+           fired: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The loss terms for one site; `fired` (a [d_sae] bool) is or-ed with the latents active in any source."""
     lat = recipe.latent
     codes = {name: saes[name].encode(x) for name, x in acts.items()}
+    if fired is not None:
+        for z in codes.values():
+            fired |= (z > 0).any(0)
     parts = {key: torch.zeros(()) for key in ("recon", "sparsity", "align", "cross")}
     for name, x in acts.items():
         z = codes[name]
@@ -49,6 +54,31 @@ def losses(recipe: Recipe, saes: dict[str, SparseAutoencoder], acts: dict[str, t
                                       for a, b in itertools.permutations(names, 2)]).mean()
     parts["total"] = parts["recon"] + parts["sparsity"] + lat.align * parts["align"] + lat.cross * parts["cross"]
     return parts
+
+
+@torch.no_grad()
+def resample_dead(saes: dict[str, SparseAutoencoder], acts: dict[str, torch.Tensor], dead: torch.Tensor,
+                  optimizer: torch.optim.Optimizer, generator: torch.Generator) -> int:
+    """Restart the latents dead in every source on tokens the SAEs reconstruct worst, using the SAME tokens
+    for every source so that a restarted slot is aligned across models from its first step."""
+    latents = dead.nonzero().flatten()
+    if len(latents) == 0:
+        return 0
+    errors = {n: (x / saes[n].act_scale - saes[n].decode(saes[n].encode(x)) / saes[n].act_scale) for n, x in acts.items()}
+    badness = sum(e.pow(2).sum(-1) for e in errors.values())
+    tokens = torch.multinomial(badness.cpu() + 1e-12, len(latents), replacement=len(latents) > len(badness),
+                               generator=generator).to(badness.device)
+    for name, sae in saes.items():
+        sae.resample(latents, errors[name][tokens])
+        for param in (sae.W_enc, sae.W_dec, sae.b_enc):  # forget Adam's moments of the restarted latents
+            for moment in optimizer.state.get(param, {}).values():
+                if moment.dim() == 0:
+                    continue
+                if param is sae.W_enc:
+                    moment[:, latents] = 0
+                else:
+                    moment[latents] = 0
+    return len(latents)
 
 
 @torch.no_grad()
@@ -118,10 +148,16 @@ def train_saes(recipe: Recipe, sources: dict, paths: dict[str, list[str]], token
     log = open(log_path, "w") if log_path else None
     bar = tqdm(range(steps), desc="training SAEs", disable=not progress, unit="step")
     batches = itertools.chain(first, stream)
+    fired = [torch.zeros(recipe.latent.size, dtype=torch.bool, device=device) for _ in saes]
+    resampled = 0
     for step in bar:
-        batch = next(batches)
-        site_parts = [losses(recipe, saes[site], {n: x.to(device) for n, x in acts.items()})
-                      for site, acts in enumerate(batch)]
+        batch = [{n: x.to(device) for n, x in acts.items()} for acts in next(batches)]
+        every = recipe.train.resample_every
+        if every and step % every == 0 and 0 < step < 0.8 * steps:  # leave the last fifth to settle
+            for site, acts in enumerate(batch):
+                resampled += resample_dead(saes[site], acts, ~fired[site], optimizer, generator)
+                fired[site].zero_()
+        site_parts = [losses(recipe, saes[site], acts, fired[site]) for site, acts in enumerate(batch)]
         parts = {key: sum(p[key] for p in site_parts) for key in site_parts[0]}
         optimizer.zero_grad(set_to_none=True)
         parts["total"].backward()
@@ -146,7 +182,7 @@ def train_saes(recipe: Recipe, sources: dict, paths: dict[str, list[str]], token
         held_back.append([{n: x.to(device) for n, x in acts.items()} for acts in next(stream)])
     metrics = {"sites": [{"layers": {n: paths[n][site] for n in sources},
                           **measure(saes[site], [b[site] for b in held_back])} for site in range(len(saes))],
-               "steps": steps, "train_tokens": steps * batch_size * recipe.data.seq_len}
+               "steps": steps, "train_tokens": steps * batch_size * recipe.data.seq_len, "resampled_latents": resampled}
     for site in saes:
         for sae in site.values():
             sae.eval()
