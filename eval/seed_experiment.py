@@ -117,7 +117,9 @@ class Bench:
     def train(self, *overrides):
         recipe = self.recipe(*overrides)
         start = time.perf_counter()
-        saes, metrics = train_saes(recipe, self.sources(), self.paths, self.tokenizer, progress=not self.args.quiet)
+        paths = check_sources(recipe)  # the recipe's own layers (ablations move them)
+        self.sources()
+        saes, metrics = train_saes(recipe, self._sources, paths, self.tokenizer, progress=not self.args.quiet)
         metrics["train_seconds"] = round(time.perf_counter() - start, 1)
         return saes, metrics
 
@@ -204,6 +206,9 @@ class Bench:
             "align 0": ["latent.align=0.0"],
             "TopK k=32 instead of ReLU + L1": ["latent.activation=topk", "latent.l1=0.0"],
             "TopK, no dead-latent resampling": ["latent.activation=topk", "latent.l1=0.0", "train.resample_every=0"],
+            "late injection (block 3 of 4)": ["models.0.layer=3", "models.1.layer=3"],
+            "two sites (blocks 1 and 3)": ["models.0.layer=[1, 3]", "models.1.layer=[1, 3]"],
+            "4x the SAE tokens (1M)": ["data.tokens=1000000"],
         }
         for name, changes in variants.items():
             if name in self.results["ablation"] or (self.args.rows and name not in self.args.rows):
@@ -213,11 +218,11 @@ class Bench:
             entry = {"changes": changes, "sae_metrics": metrics}
             for combine in ("mean", "sum") if not changes else ("mean",):  # sum vs mean: on the base only
                 recipe.merge.combine = combine
-                entry[combine] = self.score(build_merged(recipe, self.sources(), saes, self.paths))
+                entry[combine] = self.score(build_merged(recipe, self.sources(), saes, check_sources(recipe)))
             self.results["ablation"][name] = entry
             self.json_path.write_text(json.dumps(self.results, indent=2))
             m = metrics["sites"][-1]["sources"]
-            print(f"ablation {name:40s} mix mean {entry['mean']['mix']['loss']:.3f} sum {entry['sum']['mix']['loss']:.3f} "
+            print(f"ablation {name:40s} mix (mean into code) {entry['mean']['mix']['loss']:.3f} "
                   f"EV {m['prose']['explained_variance']:.2f}/{m['code']['explained_variance']:.2f}", flush=True)
 
 

@@ -42,7 +42,9 @@ def evaluate(model, tokenizer, tasks: list[str], include_path: str | Path | None
         raise RecipeError(f"eval.tasks: unknown task(s) {unknown}; expected registered tasks or YAMLs in include_path")
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, backend="causal")
     raw = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit, log_samples=False)
-    results = {task: {k.split(",")[0]: v for k, v in metrics.items() if k != "alias" and not k.split(",")[0].endswith("_stderr")}
+    # Keep the metrics themselves: numbers, without stderr and bookkeeping fields.
+    results = {task: {k.split(",")[0]: v for k, v in metrics.items() if isinstance(v, (int, float))
+                      and not k.split(",")[0].endswith("_stderr") and k not in ("sample_len", "sample_count")}
                for task, metrics in raw["results"].items()}
     if output:
         Path(output).write_text(json.dumps({"results": results, "lm_eval": raw["results"],

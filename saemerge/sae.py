@@ -76,13 +76,14 @@ class SparseAutoencoder(nn.Module):
     @torch.no_grad()
     def resample(self, latents: torch.Tensor, directions: torch.Tensor) -> None:
         """Restart `latents` as the given input-space `directions` [len(latents), d_in] (normalised here), with
-        encoder columns at a fifth of the mean norm of the live ones and no encoder bias."""
+        no encoder bias and encoder columns at the mean norm of the live ones (ReLU: a fifth of it, so a restart
+        does not flood the codes; TopK needs the full norm or a restarted latent never enters the top k)."""
         live = torch.ones(self.cfg.d_sae, dtype=torch.bool, device=latents.device)
         live[latents] = False
         norm = self.W_enc[:, live].norm(dim=0).mean() if live.any() else torch.tensor(1.0)
         directions = directions / directions.norm(dim=-1, keepdim=True).clamp_min(1e-8)
         self.W_dec[latents] = directions
-        self.W_enc[:, latents] = directions.T * norm * 0.2
+        self.W_enc[:, latents] = directions.T * norm * (1.0 if self.cfg.activation == "topk" else 0.2)
         if self.cfg.bias:
             self.b_enc[latents] = 0.0
 
