@@ -61,12 +61,11 @@ class ResidualHook:
     """A forward hook on one module's output in one of three modes.
 
     capture: keep the output in `.captured`; replace: splice `sae(output)` in; inject: add `vector`
-    (a tensor, or a function of the output). `stop=True` ends the forward pass after the hook, so a
-    source runs only up to the layer it is needed at. Detaching restores the model exactly.
+    (a tensor, or a function of the output). Detaching restores the model exactly.
     """
 
     def __init__(self, model: nn.Module, layer: int | str, mode: str = "capture", *,
-                 sae: nn.Module | None = None, vector: torch.Tensor | Callable | None = None, stop: bool = False):
+                 sae: nn.Module | None = None, vector: torch.Tensor | Callable | None = None):
         if mode not in ("capture", "replace", "inject"):
             raise ValueError(f"mode must be capture, replace or inject, got {mode!r}")
         if mode == "replace" and sae is None:
@@ -75,7 +74,7 @@ class ResidualHook:
             raise ValueError("inject mode needs a vector")
         self.path = resolve_layer(model, layer)
         self.module = model.get_submodule(self.path)
-        self.mode, self.sae, self.vector, self.stop = mode, sae, vector, stop
+        self.mode, self.sae, self.vector = mode, sae, vector
         self.captured: torch.Tensor | None = None
         self._handle = None
 
@@ -100,17 +99,12 @@ class ResidualHook:
         hidden = output[0] if isinstance(output, tuple) else output
         if self.mode == "capture":
             self.captured = hidden
-            new = hidden
-        elif self.mode == "replace":
+            return None
+        if self.mode == "replace":
             new = self.sae(hidden).to(hidden.dtype)
         else:
             vector = self.vector(hidden) if callable(self.vector) else self.vector
             new = hidden + vector.to(hidden.dtype)
-        if self.stop:
-            self.captured = new
-            raise StopForward
-        if new is hidden:
-            return None
         return (new, *output[1:]) if isinstance(output, tuple) else new
 
 
