@@ -64,7 +64,7 @@ def resample_dead(saes: dict[str, SparseAutoencoder], acts: dict[str, torch.Tens
     latents = dead.nonzero().flatten()
     if len(latents) == 0:
         return 0
-    errors = {n: (x / saes[n].act_scale - saes[n].decode(saes[n].encode(x)) / saes[n].act_scale) for n, x in acts.items()}
+    errors = {n: (x - saes[n](x)) / saes[n].act_scale for n, x in acts.items()}  # in each SAE's normalised units
     badness = sum(e.pow(2).sum(-1) for e in errors.values())
     tokens = torch.multinomial(badness.cpu() + 1e-12, len(latents), replacement=len(latents) > len(badness),
                                generator=generator).to(badness.device)
