@@ -46,7 +46,8 @@ def cmd_eval(args) -> int:
     model, tokenizer = load_merged(args.model, device=args.device)
     tasks = [t for t in args.tasks.split(",") if t]
     output = Path(args.output) if args.output else Path(args.model) / "eval_results.json"
-    results = evaluate(model, tokenizer, tasks, args.include_path, args.limit, args.batch_size, output=output)
+    results = evaluate(model, tokenizer, tasks, args.include_path, args.limit, args.batch_size, output=output,
+                       max_length=args.max_length)
     print(results_table(results))
     print(f"results written to {output}")
     return 0
@@ -77,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include-path", help="folder of local task YAMLs (e.g. eval/tasks)")
     p.add_argument("--limit", type=float, help="documents per task (a fraction if < 1)")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, help="context lm-eval scores with (default: the model's)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--output", help="JSON file for the results (default: MODEL/eval_results.json)")
     p.set_defaults(run=cmd_eval)

@@ -29,7 +29,7 @@ def task_manager(include_path: str | None):
 
 
 def evaluate(model, tokenizer, tasks: list[str], include_path: str | Path | None = None, limit: float | None = None,
-             batch_size: int = 8, output: str | Path | None = None) -> dict:
+             batch_size: int = 8, output: str | Path | None = None, max_length: int | None = None) -> dict:
     """Run lm-eval `tasks` on an in-memory model; return {task: {metric: value}} and write JSON to `output`."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -40,7 +40,7 @@ def evaluate(model, tokenizer, tasks: list[str], include_path: str | Path | None
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise RecipeError(f"eval.tasks: unknown task(s) {unknown}; expected registered tasks or YAMLs in include_path")
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, backend="causal")
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, backend="causal", max_length=max_length)
     raw = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit, log_samples=False)
     # Keep the metrics themselves: numbers, without stderr and bookkeeping fields.
     results = {task: {k.split(",")[0]: v for k, v in metrics.items() if isinstance(v, (int, float))
@@ -48,7 +48,8 @@ def evaluate(model, tokenizer, tasks: list[str], include_path: str | Path | None
                for task, metrics in raw["results"].items()}
     if output:
         Path(output).write_text(json.dumps({"results": results, "lm_eval": raw["results"],
-                                            "config": {"tasks": list(tasks), "limit": limit}}, indent=2, default=str))
+                                            "config": {"tasks": list(tasks), "limit": limit,
+                                                                       "max_length": lm.max_length}}, indent=2, default=str))
     return results
 
 

@@ -104,7 +104,8 @@ def merge(recipe: Recipe, output: str | Path | None = None, overwrite: bool = Fa
     if evaluate_after and recipe.eval.tasks:
         with timed(timings, "evaluate"):
             results = evaluate(model, tokenizer, recipe.eval.tasks, recipe.eval.include_path, recipe.eval.limit,
-                               recipe.eval.batch_size, output=output / "eval_results.json")
+                               recipe.eval.batch_size, output=output / "eval_results.json",
+                               max_length=recipe.eval.max_length)
     metrics["timings"] = timings
     (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
     write_report(output, recipe, metrics, results)

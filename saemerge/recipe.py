@@ -29,8 +29,10 @@ class SourceSpec(Strict):
     name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$", description="Short name of the source, used in `merge.target`.")
     model: str = Field(description="Hub id or local folder of a Hugging Face causal LM.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
-    gguf_file: str | None = Field(None, description="A .gguf file inside `model` to load instead of safetensors.")
+    gguf_file: str | None = Field(None, description="A .gguf file inside `model` to load instead of safetensors (dequantized by transformers; needs the `gguf` package).")
+    adapter: str | None = Field(None, description="A PEFT LoRA adapter (local folder or hub id) applied on top of `model` and merged into its weights.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Dtype the source runs in.")
+    device_map: str | None = Field(None, description="Spread the source over the devices with accelerate (`auto`, `balanced`, ...) instead of putting it on `train.device`.")
     layer: int | str | list[int | str] = Field(description="Block index i (the residual stream after block i = hidden_states[i+1]), a module path, or a list of them (one shared latent space per position in the list).")
     trust_remote_code: bool = Field(False, description="Allow the source's own modeling code from its folder.")
 
@@ -104,6 +106,7 @@ class EvalSpec(Strict):
     include_path: str | None = Field(None, description="Folder of local lm-eval task YAMLs.")
     limit: float | None = Field(None, gt=0, description="Documents per task (a fraction if < 1).")
     batch_size: int = Field(8, gt=0, description="lm-eval batch size.")
+    max_length: int | None = Field(None, gt=1, description="Context lm-eval scores with (rolling windows); default: the target's maximum positions.")
 
 
 class Recipe(Strict):

@@ -100,6 +100,43 @@ def zoo(tmp_path_factory, tokenizer):
     return folders
 
 
+def write_gguf(model, tokenizer, path: Path, architecture: str = "gpt2") -> Path:
+    """A GPT-2 written as llama.cpp's converter writes one (float32 tensors, byte-level BPE vocabulary)."""
+    import gguf
+    import numpy as np
+
+    cfg = model.config
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_block_count(cfg.n_layer)
+    writer.add_context_length(cfg.n_positions)
+    writer.add_embedding_length(cfg.n_embd)
+    writer.add_feed_forward_length(4 * cfg.n_embd)
+    writer.add_head_count(cfg.n_head)
+    writer.add_layer_norm_eps(cfg.layer_norm_epsilon)
+    vocab = tokenizer.get_vocab()
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(sorted(vocab, key=vocab.get))
+    writer.add_token_types([gguf.TokenType.NORMAL] * len(vocab))
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]])
+    writer.add_bos_token_id(tokenizer.bos_token_id)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPT2, cfg.n_layer)
+    for name, tensor in model.state_dict().items():
+        base, suffix = name.rsplit(".", 1)
+        if name == "lm_head.weight" or names.get_name(base) is None:
+            continue  # tied to the embedding
+        data = tensor.float().numpy()
+        if suffix == "weight" and base.endswith(("c_attn", "c_proj", "c_fc")):
+            data = data.T  # GPT-2's Conv1D stores [in, out]; GGUF stores [out, in]
+        writer.add_tensor(f"{names.get_name(base)}.{suffix}", np.ascontiguousarray(data))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 def recipe_dict(a: Path, b: Path, output: Path, **overrides) -> dict:
     raw = {
         "name": "tiny-merge",

@@ -39,3 +39,19 @@ def test_unknown_task_is_a_clear_error(zoo, tmp_path, capsys):
     AutoTokenizer.from_pretrained(zoo["gpt2"]).save_pretrained(raw_dir)
     assert main(["eval", str(raw_dir), "--tasks", "no_such_task"]) == 2
     assert "eval.tasks: unknown task(s) ['no_such_task']" in capsys.readouterr().err
+
+
+def test_committed_sample_tasks_and_max_length(zoo, tmp_path, monkeypatch):
+    """The *_sample tasks (process_docs in eval/tasks/sample.py) load and run; max_length sets the windows."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from saemerge import evaluate
+    from conftest import REPO
+
+    monkeypatch.chdir(REPO)  # the task YAMLs name their data relative to the repository root
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(zoo["gpt2"]).eval(), AutoTokenizer.from_pretrained(zoo["gpt2"])
+    scores = {n: evaluate(model, tokenizer, ["saemerge_prose_sample"], REPO / "eval/tasks", limit=2, batch_size=4,
+                          max_length=n, output=tmp_path / f"{n}.json")["saemerge_prose_sample"]["bits_per_byte"]
+              for n in (8, 64)}
+    assert json.loads((tmp_path / "8.json").read_text())["config"]["max_length"] == 8
+    assert scores[8] > 0 and scores[8] != scores[64]
