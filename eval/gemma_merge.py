@@ -20,6 +20,7 @@ import copy
 import gzip
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -64,9 +65,12 @@ class Bench:
         self.json_path = self.out / "gemma_merge.json"
         self.results = json.loads(self.json_path.read_text()) if args.resume and self.json_path.exists() else {"rows": {}}
         self.merged_dir = REPO / self.recipe.output
-        self.tokenizer = AutoTokenizer.from_pretrained(BASE)
+        self._merged = self.tokenizer = self.counts = None
+
+    def after_merge(self):
+        """Every row is scored with the tokenizer the merge saved (the GGUF's, converted by transformers)."""
+        self.tokenizer = AutoTokenizer.from_pretrained(self.merged_dir)
         self.counts = {d: self._bytes_and_tokens(d) for d in TASKS}
-        self._merged = None
 
     def _bytes_and_tokens(self, domain):
         with gzip.open(REPO / f"eval/data/{domain}/test.jsonl.gz", "rt") as f:
@@ -114,6 +118,7 @@ class Bench:
         subprocess.run([sys.executable, "-m", "saemerge", "merge", str(RECIPE), "--overwrite", "--quiet"],
                        cwd=REPO, check=True)
         seconds = round(time.perf_counter() - start, 1)
+        self.after_merge()
         metrics = json.loads((self.merged_dir / "metrics.json").read_text())
         results = json.loads((self.merged_dir / "eval_results.json").read_text())["results"]
         self.save(name, {"group": "SAE merge", **self.scores(results), "seconds": seconds,
@@ -166,6 +171,7 @@ class Bench:
 
     def run(self):
         self.sae_merge()
+        self.after_merge()
         self.row("general alone (Gemma-3-270m GGUF)", "source", self.source("general"))
         self.row("code alone (GGUF + LoRA)", "source", self.source("code"))
         self.row("logit ensemble (mean of the two distributions)", "baseline",
@@ -174,8 +180,12 @@ class Bench:
                  self.variant(calibrated=True, heads="router", scale=0.0, gates=[]))
         for method in MERGEKIT:
             self.row(f"mergekit {method}", "mergekit", self.mergekit(method))
+        from importlib.metadata import version
+
         self.results["setup"] = {"recipe": yaml.safe_load(RECIPE.read_text()), "tokens": self.counts,
-                                 "torch_threads": torch.get_num_threads(), "mergekit": MERGEKIT}
+                                 "torch_threads": torch.get_num_threads(), "mergekit": MERGEKIT,
+                                 "versions": {p: version(p) for p in ("torch", "transformers", "peft", "lm_eval",
+                                                                      "mergekit")}}
         self.json_path.write_text(json.dumps(self.results, indent=2))
 
 
@@ -185,6 +195,7 @@ def main():
     parser.add_argument("--out", default="eval/results")
     args = parser.parse_args()
     torch.manual_seed(0)
+    os.chdir(REPO)  # the recipe and the task YAMLs name their files relative to the repository root
     Bench(args).run()
     from gemma_report import write_report
     write_report(REPO / args.out / "gemma_merge.json")

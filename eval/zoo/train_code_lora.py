@@ -28,11 +28,18 @@ BASE = ZOO.parents[1] / "models" / "gemma-3-270m-hf"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def windows(streams, mix, batch, seq_len, generator, bos) -> torch.Tensor:
+    """Random windows of seq_len - 1 tokens, each after BOS: Gemma expects BOS first, and so do the
+    saemerge data pipeline and lm-eval (without it the adapter mostly learns to do without BOS)."""
+    x = sample_batch(streams, mix, batch, seq_len - 1, generator)
+    return torch.cat([torch.full((len(x), 1), bos), x], dim=1)
+
+
 @torch.no_grad()
-def validation_loss(model, streams, seq_len, batches=4) -> dict:
+def validation_loss(model, streams, seq_len, bos, batches=4) -> dict:
     generator = torch.Generator().manual_seed(0)  # the same windows for the base and the adapter
     model.eval()
-    out = {c: sum(model(x := sample_batch({c: s}, {c: 1.0}, 4, seq_len, generator), labels=x).loss.item()
+    out = {c: sum(model(x := windows({c: s}, {c: 1.0}, 4, seq_len, generator, bos), labels=x).loss.item()
                   for _ in range(batches)) / batches for c, s in streams.items()}
     model.train()
     return out
@@ -55,7 +62,7 @@ def main():
     model = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32, use_safetensors=True)
     train = {"code": token_stream("code", "train", tokenizer)}
     valid = {c: token_stream(c, "validation", tokenizer) for c in ("prose", "code")}
-    before = validation_loss(model, valid, args.seq_len)
+    before = validation_loss(model, valid, args.seq_len, tokenizer.bos_token_id)
     print(f"base validation loss {before}", flush=True)
 
     config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=TARGETS,
@@ -66,7 +73,7 @@ def main():
     generator = torch.Generator().manual_seed(args.seed)
     log, start = [], time.time()
     for step in range(args.steps):
-        x = sample_batch(train, {"code": 1.0}, args.batch, args.seq_len, generator)
+        x = windows(train, {"code": 1.0}, args.batch, args.seq_len, generator, tokenizer.bos_token_id)
         loss = model(x, labels=x).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -76,7 +83,7 @@ def main():
         if step % 10 == 0 or step == args.steps - 1:
             log.append({"step": step, "loss": loss.item(), "seconds": round(time.time() - start, 1)})
             print(f"step {step} loss {loss.item():.3f} ({time.time() - start:.0f}s)", flush=True)
-    after = validation_loss(model, valid, args.seq_len)
+    after = validation_loss(model, valid, args.seq_len, tokenizer.bos_token_id)
     print(f"adapter validation loss {after}", flush=True)
     model.save_pretrained(args.out)
     (args.out / "train_log.json").write_text(json.dumps(
