@@ -16,6 +16,7 @@ dequantized base (models/gemma-3-270m-hf) and `base+adapter`, mergekit's syntax 
 from __future__ import annotations
 
 import argparse
+from importlib.metadata import version
 import copy
 import gzip
 import json
@@ -71,6 +72,10 @@ class Bench:
         """Every row is scored with the tokenizer the merge saved (the GGUF's, converted by transformers)."""
         self.tokenizer = AutoTokenizer.from_pretrained(self.merged_dir)
         self.counts = {d: self._bytes_and_tokens(d) for d in TASKS}
+        self.results["setup"] = {"recipe": yaml.safe_load(RECIPE.read_text()), "tokens": self.counts,
+                                 "torch_threads": torch.get_num_threads(), "mergekit": MERGEKIT,
+                                 "versions": {p: version(p) for p in ("torch", "transformers", "peft", "lm_eval",
+                                                                      "mergekit")}}
 
     def _bytes_and_tokens(self, domain):
         with gzip.open(REPO / f"eval/data/{domain}/test.jsonl.gz", "rt") as f:
@@ -171,22 +176,17 @@ class Bench:
 
     def run(self):
         self.sae_merge()
-        self.after_merge()
+        if self.tokenizer is None:  # resumed after the merge
+            self.after_merge()
         self.row("general alone (Gemma-3-270m GGUF)", "source", self.source("general"))
         self.row("code alone (GGUF + LoRA)", "source", self.source("code"))
+        for method in ("linear", "ties", "dare_ties", "slerp"):
+            self.row(f"mergekit {method}", "mergekit", self.mergekit(method))
         self.row("logit ensemble (mean of the two distributions)", "baseline",
                  self.variant(heads="mean", scale=0.0, gates=[]))
+        self.row("mergekit task_arithmetic", "mergekit", self.mergekit("task_arithmetic"))  # = linear here
         self.row("routed ensemble (learned per-token router, no feature exchange)", "baseline",
                  self.variant(calibrated=True, heads="router", scale=0.0, gates=[]))
-        for method in MERGEKIT:
-            self.row(f"mergekit {method}", "mergekit", self.mergekit(method))
-        from importlib.metadata import version
-
-        self.results["setup"] = {"recipe": yaml.safe_load(RECIPE.read_text()), "tokens": self.counts,
-                                 "torch_threads": torch.get_num_threads(), "mergekit": MERGEKIT,
-                                 "versions": {p: version(p) for p in ("torch", "transformers", "peft", "lm_eval",
-                                                                      "mergekit")}}
-        self.json_path.write_text(json.dumps(self.results, indent=2))
 
 
 def main():

@@ -47,9 +47,9 @@ def evaluate(model, tokenizer, tasks: list[str], include_path: str | Path | None
                       and not k.split(",")[0].endswith("_stderr") and k not in ("sample_len", "sample_count")}
                for task, metrics in raw["results"].items()}
     if output:
-        Path(output).write_text(json.dumps({"results": results, "lm_eval": raw["results"],
-                                            "config": {"tasks": list(tasks), "limit": limit,
-                                                                       "max_length": lm.max_length}}, indent=2, default=str))
+        config = {"tasks": list(tasks), "limit": limit, "max_length": lm.max_length}
+        Path(output).write_text(json.dumps({"results": results, "lm_eval": raw["results"], "config": config},
+                                           indent=2, default=str))
     return results
 
 
