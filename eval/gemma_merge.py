@@ -5,7 +5,7 @@ run on the same two models. Every score is lm-eval's bits per byte on the fixed 
 eval/tasks/sample.py (saemerge_mix_sample), also given as nats per token with Gemma's tokenizer.
 
     python eval/zoo/prepare_pretrained.py --only gemma-3-270m    # once
-    python eval/gemma_merge.py                                   # ~60 minutes on 2 CPU cores
+    python eval/gemma_merge.py                                   # ~90 minutes on 2 CPU cores
 
 Writes eval/results/gemma_merge.{json,md,png}; rows are saved as they finish and --resume skips them.
 The SAE merge is run as a user runs it (`saemerge merge`, a subprocess, timed); the other rows reuse its
@@ -16,7 +16,6 @@ dequantized base (models/gemma-3-270m-hf) and `base+adapter`, mergekit's syntax 
 from __future__ import annotations
 
 import argparse
-from importlib.metadata import version
 import copy
 import gzip
 import json
@@ -25,6 +24,7 @@ import os
 import subprocess
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import torch

@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from seed_report import ENSEMBLE, loss_table, plot
+from seed_report import loss_table, plot
 
 SAE = "SAE merge (the recipe: router + gates, calibrated)"
 SOURCES = {"prose": "general alone (Gemma-3-270m GGUF)", "code": "code alone (GGUF + LoRA)"}
