@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from seed_report import loss_table, plot
+from seed_report import loss_table, save_report
 
 SAE = "SAE merge (the recipe: router + gates, calibrated)"
 SOURCES = {"prose": "general alone (Gemma-3-270m GGUF)", "code": "code alone (GGUF + LoRA)"}
@@ -60,11 +60,7 @@ def write_report(json_path: Path) -> Path:
         for site in rows[SAE].get("sae_metrics", []):
             lines += ["Shared SAEs, layers " + ", ".join(f"{n} `{p}`" for n, p in site["layers"].items()) + ":", "",
                       sae_table(site), ""]
-    md = Path(json_path).with_suffix(".md")
-    md.write_text("\n".join(lines))
-    plot(rows, Path(json_path).with_suffix(".png"))
-    print("\n".join(lines))
-    return md
+    return save_report(json_path, lines, rows)
 
 
 if __name__ == "__main__":

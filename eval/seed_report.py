@@ -84,6 +84,15 @@ def plot(rows: dict, png: Path) -> None:
     plt.close(fig)
 
 
+def save_report(json_path: Path, lines: list[str], rows: dict) -> Path:
+    """The markdown and the plot beside the JSON; the markdown is also printed."""
+    md = Path(json_path).with_suffix(".md")
+    md.write_text("\n".join(lines))
+    plot(rows, Path(json_path).with_suffix(".png"))
+    print("\n".join(lines))
+    return md
+
+
 def write_report(json_path: Path) -> Path:
     data = json.loads(Path(json_path).read_text())
     rows = data["rows"]
@@ -100,11 +109,7 @@ def write_report(json_path: Path) -> Path:
             lines += ["Layers: " + ", ".join(f"{n} `{p}`" for n, p in site["layers"].items()), "", sae_table(site), ""]
     if data.get("ablation"):
         lines += ["Ablation (one switch at a time, same budget):", ""] + ablation_table(data["ablation"]) + [""]
-    md = Path(json_path).with_suffix(".md")
-    md.write_text("\n".join(lines))
-    plot(rows, Path(json_path).with_suffix(".png"))
-    print("\n".join(lines))
-    return md
+    return save_report(json_path, lines, rows)
 
 
 if __name__ == "__main__":
