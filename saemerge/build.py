@@ -5,6 +5,7 @@ from __future__ import annotations
 from .modeling import SAEMergedConfig, SAEMergedForCausalLM
 from .recipe import Recipe
 from .sae import SparseAutoencoder
+from .sources import reference
 
 
 def build_merged(recipe: Recipe, sources: dict, saes: list[dict[str, SparseAutoencoder]],
@@ -14,7 +15,9 @@ def build_merged(recipe: Recipe, sources: dict, saes: list[dict[str, SparseAutoe
               "bias": recipe.latent.bias}
     config = SAEMergedConfig(
         sources=[{"name": name, "config": model.config.to_dict(), "layers": paths[name],
-                  "d_model": saes[0][name].cfg.d_in} for name, model in sources.items()],
+                  "d_model": saes[0][name].cfg.d_in, "reference": reference(recipe.source(name))}
+                 for name, model in sources.items()],
         target=recipe.merge.target, inject=recipe.injecting, combine=recipe.merge.combine,
-        scale=recipe.merge.scale, heads=recipe.merge.heads, gates=recipe.merge.gates, latent=latent)
+        scale=recipe.merge.scale, heads=recipe.merge.heads, gates=recipe.merge.gates, latent=latent,
+        storage=recipe.save.storage)
     return SAEMergedForCausalLM(config, sources=sources, saes=saes).eval()

@@ -1,4 +1,4 @@
-"""`saemerge validate | merge | eval`: a thin layer over the Python API. Bad input exits with code 2."""
+"""`saemerge validate | merge | eval | push | export-saes`: a thin layer over the Python API. Bad input exits with code 2."""
 
 from __future__ import annotations
 
@@ -53,6 +53,39 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_push(args) -> int:
+    from .hub import push
+
+    url = push(args.folder, args.repo, private=args.private, token=args.token, commit_message=args.message)
+    print(f"pushed {args.folder} to {url}")
+    return 0
+
+
+def cmd_export_saes(args) -> int:
+    import yaml
+
+    from .interchange import FORMATS, export_sae, import_sae
+
+    if args.format not in FORMATS:
+        raise RecipeError(f"--format: '{args.format}' is not a format; expected one of {', '.join(FORMATS)}")
+    model_dir = Path(args.model_dir)
+    folders = sorted(cfg.parent for cfg in model_dir.glob("saes/*/*/cfg.json"))
+    if not folders:
+        raise RecipeError(f"{model_dir}: not a merged model folder; expected saes/<source>/<module path>/ "
+                          "as written by `saemerge merge`")
+    recipe = yaml.safe_load((model_dir / "recipe.yaml").read_text()) if (model_dir / "recipe.yaml").is_file() else {}
+    models = {m["name"]: m["model"] for m in recipe.get("models", [])}
+    for folder in folders:
+        source, hook = folder.parent.name, folder.name
+        try:
+            written = export_sae(import_sae(folder), Path(args.out_dir) / source / hook, args.format, hook_name=hook,
+                                 model_name=models.get(source), context_size=recipe.get("data", {}).get("seq_len"))
+        except ValueError as e:
+            raise RecipeError(f"{folder}: {e}") from None
+        print(f"{source} {hook} -> {written}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="saemerge", description="Merge language models through aligned sparse autoencoders.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -82,6 +115,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--output", help="JSON file for the results (default: MODEL/eval_results.json)")
     p.set_defaults(run=cmd_eval)
+
+    p = sub.add_parser("push", help="upload a merged model folder to the Hugging Face Hub, with a model card",
+                       description="Create the Hub repo if needed and upload the folder. README.md (the model card) "
+                                   "is written first if missing or not edited since the merge wrote it. The token "
+                                   "is --token, else the HF_TOKEN variable, else the one saved by `hf auth login`.")
+    p.add_argument("folder", help="folder written by `saemerge merge`")
+    p.add_argument("repo", help="Hub repo id, e.g. your-name/prose-x-code")
+    p.add_argument("--private", action="store_true", help="make a new repo private (an existing one is left as it is)")
+    p.add_argument("--token", help="Hugging Face token with write access (default: HF_TOKEN or `hf auth login`)")
+    p.add_argument("--message", default="Upload model merged with saemerge", help="commit message")
+    p.set_defaults(run=cmd_push)
+
+    p = sub.add_parser("export-saes", help="write the SAEs of a merged model folder in SAELens or sparsify format",
+                       description="Write every SAE of a merged model folder to OUT_DIR/<source>/<module path>/ in "
+                                   "SAELens or sparsify format, the module path as hook name; the input scale is "
+                                   "folded into the weights. sparsify holds TopK SAEs only.")
+    p.add_argument("model_dir", help="folder written by `saemerge merge`")
+    p.add_argument("out_dir", help="folder to write into (created if missing)")
+    p.add_argument("--format", default="saelens", metavar="{saelens,sparsify}", help="file format (default: saelens)")
+    p.set_defaults(run=cmd_export_saes)
     return parser
 
 

@@ -109,8 +109,9 @@ class ResidualHook:
 
 
 def run_to_layers(model: nn.Module, layers: list[int | str], input_ids: torch.Tensor,
-                  attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
-    """Residual streams at `layers`, running the model only until the last of them has run (no LM head)."""
+                  attention_mask: torch.Tensor | None = None, **forward_kwargs) -> list[torch.Tensor]:
+    """Residual streams at `layers`, running the model only until the last of them has run (no LM head).
+    `forward_kwargs` go to the model (position_ids, past_key_values: a KV cache fills up to the last layer)."""
     captured: dict[int, torch.Tensor] = {}
 
     def capture(index):
@@ -123,7 +124,7 @@ def run_to_layers(model: nn.Module, layers: list[int | str], input_ids: torch.Te
     modules = [model.get_submodule(resolve_layer(model, layer)) for layer in layers]
     handles = [m.register_forward_hook(capture(i)) for i, m in enumerate(modules)]
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        model(input_ids=input_ids, attention_mask=attention_mask, **{"use_cache": False, **forward_kwargs})
     except StopForward:
         pass
     finally:

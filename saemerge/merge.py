@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .build import build_merged
 from .calibrate import calibrate
+from .card import write_model_card
 from .data import open_mixture
 from .evaluate import evaluate
 from .recipe import Recipe, RecipeError, recipe_yaml
@@ -49,7 +50,7 @@ def save_atomically(model, tokenizer, recipe: Recipe, saes: dict, metrics: dict,
     tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, max_shard_size=recipe.save.max_shard_size)
         tokenizer.save_pretrained(tmp)
         for site, site_metrics in zip(saes, metrics["sites"]):
             for name, sae in site.items():
@@ -109,4 +110,5 @@ def merge(recipe: Recipe, output: str | Path | None = None, overwrite: bool = Fa
     metrics["timings"] = timings
     (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
     write_report(output, recipe, metrics, results)
+    write_model_card(output)  # after the report: the card has the eval table
     return output

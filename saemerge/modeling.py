@@ -17,16 +17,84 @@ scale = 0 gives the target alone (target), the logit ensemble (mean) or a routed
 
 from __future__ import annotations
 
+import importlib
+import json
 import math
+import tempfile
 from contextlib import ExitStack
+from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import (AutoConfig, AutoModelForCausalLM, DynamicCache, GenerationMixin, PretrainedConfig,
+                          PreTrainedModel)
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import cached_file
 
 from .hooks import ResidualHook, run_to_layers
 from .sae import SAEConfig, SparseAutoencoder
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Small text files of a merge that travel with the model through from_pretrained / save_pretrained / push_to_hub.
+MERGE_FILES = ("README.md", "recipe.yaml", "metrics.json", "eval_results.json", "report.md")
+
+
+def load_pretrained_source(model: str, revision: str | None = None, gguf_file: str | None = None,
+                           adapter: str | None = None, dtype: str = "float32", trust_remote_code: bool = False,
+                           device_map: str | None = None) -> PreTrainedModel:
+    """A source causal LM in eval mode, frozen, its LoRA adapter merged in; weights from safetensors or GGUF,
+    never pickles. Lives here so that a merged folder stored by reference can load its sources without saemerge."""
+    kwargs = {"revision": revision, "trust_remote_code": trust_remote_code, "device_map": device_map}
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    else:
+        kwargs["use_safetensors"] = True
+    source = AutoModelForCausalLM.from_pretrained(model, dtype=DTYPES[dtype], **kwargs)
+    if gguf_file:
+        # GGUF weights arrive dequantized; drop the quantizer so the merged model saves like any other.
+        del source.config.quantization_config
+        source.hf_quantizer = None
+    if adapter:
+        from huggingface_hub import snapshot_download
+
+        peft = importlib.import_module("peft")  # needed only for adapters, so the folder's code does not require it
+        # Fetch only the safetensors file: peft itself would fall back to a pickled adapter_model.bin.
+        folder = adapter if Path(adapter).is_dir() else snapshot_download(
+            adapter, allow_patterns=["adapter_config.json", "adapter_model.safetensors"])
+        source = peft.PeftModel.from_pretrained(source, folder).merge_and_unload()
+    source.requires_grad_(False)
+    return source.eval()
+
+
+class MergedCache:
+    """The merged model's KV cache: one DynamicCache per source run. A source that both sends (runs up to its
+    layer) and receives (runs whole) keeps two, since the same tokens pass its early blocks twice."""
+
+    is_compileable = False
+
+    def __init__(self):
+        self.caches: dict[str, DynamicCache] = {}
+
+    def get(self, key: str, model: PreTrainedModel) -> DynamicCache:
+        if key not in self.caches:
+            self.caches[key] = DynamicCache(config=model.config.get_text_config(decoder=True))
+        return self.caches[key]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return max((c.get_seq_length(layer_idx) for c in self.caches.values()), default=0)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        for cache in self.caches.values():
+            cache.reorder_cache(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        for cache in self.caches.values():
+            cache.batch_repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        for cache in self.caches.values():
+            cache.batch_select_indices(indices)
 
 
 class SAEMergedConfig(PretrainedConfig):
@@ -34,8 +102,9 @@ class SAEMergedConfig(PretrainedConfig):
 
     def __init__(self, sources: list[dict] | None = None, target: str | None = None, inject: list[str] | None = None,
                  combine: str = "mean", scale: float = 1.0, heads: str = "target", gates: list[str] | None = None,
-                 latent: dict | None = None, **kwargs):
-        # sources: [{"name", "config": the source's config dict, "layers": module paths, "d_model"}]
+                 latent: dict | None = None, storage: str = "self-contained", **kwargs):
+        # sources: [{"name", "config": the source's config dict, "layers": module paths, "d_model",
+        #            "reference": load_pretrained_source's arguments (model id or path, revision, ...)}]
         self.sources = sources or []
         self.target = target
         self.inject = inject if inject is not None else [s["name"] for s in self.sources if s["name"] != target]
@@ -44,6 +113,8 @@ class SAEMergedConfig(PretrainedConfig):
         self.heads = heads
         self.gates = list(gates or [])
         self.latent = latent or {}  # d_sae, activation, k, bias
+        # self-contained: the sources' weights are in the folder; reference: only their ids (like a PEFT adapter)
+        self.storage = storage
         target_config = self.source_config(target) if target else None
         if target_config is not None:
             # What generic tools (lm-eval, generate) read off a causal LM's config.
@@ -109,8 +180,12 @@ class SAEMergedForCausalLM(PreTrainedModel, GenerationMixin):
             if module is not None:
                 nn.init.zeros_(module.weight)
                 nn.init.zeros_(module.bias)
+        self.merge_files: dict[str, str] = {}  # MERGE_FILES of the merge that made this model, if known
         self.post_init()
-        self.generation_config.use_cache = False  # each source's KV cache is not wired yet: recompute
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # generate must not make one DynamicCache for all sources: forward makes a MergedCache
 
     def post_init(self):
         super().post_init()
@@ -160,40 +235,51 @@ class SAEMergedForCausalLM(PreTrainedModel, GenerationMixin):
             delta = delta * 2 * torch.sigmoid(self.token_gates[site][receiver](features))
         return self.config.scale * delta.to(h.dtype)
 
-    def _residuals(self, names, input_ids, attention_mask) -> list[dict[str, torch.Tensor]]:
+    def _residuals(self, names, input_ids, run) -> list[dict[str, torch.Tensor]]:
         """Run each named source up to its last layer only; residuals per site."""
-        runs = {n: run_to_layers(self.sources[n], self.layers[n], input_ids, attention_mask) for n in names}
+        runs = {n: run_to_layers(self.sources[n], self.layers[n], input_ids, **run("send", n)) for n in names}
         return [{n: runs[n][site] for n in names} for site in range(self.config.n_sites)]
 
-    def _run_receiver(self, name, input_ids, attention_mask, codes, residuals):
+    def _run_receiver(self, name, input_ids, run, codes, residuals):
         """A full forward of source `name`, receiving the others' features at its layers (if any).
         Returns its logits and its residual at the last site (the router's input)."""
         model = self.sources[name]
         if self.config.scale == 0 or not self.config.senders_to(name):
             with ResidualHook(model, self.layers[name][-1], "capture") as hook:
-                logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+                logits = model(input_ids=input_ids, **run("receive", name)).logits
             return logits, hook.captured
         with ExitStack() as hooks:
             for site, layer in enumerate(self.layers[name]):
                 hooks.enter_context(ResidualHook(model, layer, "inject", vector=lambda h, site=site: self.injected(
                     name, site, h, codes[site], residuals[site])))
-            logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            logits = model(input_ids=input_ids, **run("receive", name)).logits
         return logits, residuals[-1].get(name)
 
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.LongTensor | None = None, **kwargs) -> CausalLMOutputWithPast:
+                position_ids: torch.LongTensor | None = None, past_key_values: MergedCache | None = None,
+                use_cache: bool | None = None, labels: torch.LongTensor | None = None,
+                **kwargs) -> CausalLMOutputWithPast:
         cfg = self.config
+        cache = past_key_values if past_key_values is not None else MergedCache() if use_cache else None
+
+        def run(role: str, name: str) -> dict:
+            """Arguments of one source's run; `role` (send/receive) picks its cache."""
+            kwargs = {"attention_mask": attention_mask, "position_ids": position_ids, "use_cache": cache is not None}
+            if cache is not None:
+                kwargs["past_key_values"] = cache.get(f"{role}:{name}", self.sources[name])
+            return kwargs
+
         exchange = cfg.scale != 0
         # Senders run to their layer first; receivers that are also senders run twice up to it (simple, not free).
         senders = sorted({a for r in cfg.receivers for a in cfg.senders_to(r)}, key=cfg.names.index) if exchange else []
         needs_all = exchange and ("token" in cfg.gates or cfg.heads != "target")
-        residuals = self._residuals(cfg.names if needs_all else senders, input_ids, attention_mask)
+        residuals = self._residuals(cfg.names if needs_all else senders, input_ids, run)
         codes = [{n: self.saes[site][n].encode(h) for n, h in at_site.items()} for site, at_site in enumerate(residuals)]
 
         if cfg.heads == "target":
-            logits, _ = self._run_receiver(cfg.target, input_ids, attention_mask, codes, residuals)
+            logits, _ = self._run_receiver(cfg.target, input_ids, run, codes, residuals)
         else:
-            outputs = {n: self._run_receiver(n, input_ids, attention_mask, codes, residuals) for n in cfg.names}
+            outputs = {n: self._run_receiver(n, input_ids, run, codes, residuals) for n in cfg.names}
             log_probs = torch.stack([outputs[n][0].float().log_softmax(-1) for n in cfg.names])  # [S, B, T, V]
             if cfg.heads == "router":
                 last = cfg.n_sites - 1
@@ -206,9 +292,90 @@ class SAEMergedForCausalLM(PreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                                ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+
+    # --- files ----------------------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As transformers does (safetensors, sharded past `max_shard_size` with an index), plus this folder's
+        code (for `trust_remote_code` without saemerge) and the merge's text files. Stored by reference, the
+        sources' weights stay out."""
+        if self.config.storage == "reference" and kwargs.get("state_dict") is None:
+            kwargs["state_dict"] = {k: v for k, v in self.state_dict().items() if not k.startswith("sources.")}
+        super().save_pretrained(save_directory, *args, **kwargs)
+        for name, text in self.merge_files.items():
+            (Path(save_directory) / name).write_text(text)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
+        hub = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
+        if not isinstance(config, PretrainedConfig):
+            config = cls.config_class.from_pretrained(pretrained_model_name_or_path, **hub)
+        if config.storage == "reference":
+            model = cls._from_references(pretrained_model_name_or_path, config, hub, kwargs.get("device_map"))
+        else:
+            model = super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+        for name in MERGE_FILES:
+            path = cached_file(pretrained_model_name_or_path, name, _raise_exceptions_for_missing_entries=False, **hub)
+            if path:
+                model.merge_files[name] = Path(path).read_text()
+        return model
+
+    @classmethod
+    def _from_references(cls, folder, config, hub: dict, device_map: str | None):
+        """Sources fetched (or found locally) by their ids; SAEs, gates and router from the folder."""
+        from safetensors.torch import load_file
+
+        sources = {}
+        for s in config.sources:
+            try:
+                sources[s["name"]] = load_pretrained_source(**s["reference"], device_map=device_map)
+            except OSError as e:
+                raise OSError(f"{folder} is stored by reference and its source '{s['name']}' ({s['reference']['model']}) "
+                              f"cannot be loaded: {str(e).strip().splitlines()[0]}") from e
+        model = cls(config, sources=sources)
+        index = cached_file(folder, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False, **hub)
+        files = sorted(set(json.loads(Path(index).read_text())["weight_map"].values())) if index else ["model.safetensors"]
+        state = {}
+        for name in files:
+            state.update(load_file(cached_file(folder, name, **hub)))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        wrong = [k for k in missing if not k.startswith("sources.")] + list(unexpected)
+        if wrong:
+            raise ValueError(f"{folder}: weights do not match the config: {wrong[:5]}")
+        return model.eval()
+
+    def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None,
+                    commit_message: str = "Upload merged model (saemerge)", max_shard_size: str | int = "5GB",
+                    revision: str | None = None, create_pr: bool = False, **kwargs):
+        """Save into a temporary folder (weights, code, the merge's model card and files) and upload it."""
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, max_shard_size=max_shard_size)
+            if "README.md" not in self.merge_files:
+                (Path(folder) / "README.md").write_text(self._card())
+            return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message,
+                                     revision=revision, create_pr=create_pr)
+
+    def _card(self) -> str:
+        """A minimal model card for a model that did not come from `saemerge merge` (which writes a full one)."""
+        from huggingface_hub import ModelCard, ModelCardData
+
+        bases = [s.get("reference", {}).get("model") or s["name"] for s in self.config.sources]
+        data = ModelCardData(base_model=bases, tags=["saemerge", "merge", "sparse-autoencoder"],
+                             library_name="transformers", pipeline_tag="text-generation")
+        return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n# Merged with saemerge\n\nSources: "
+                             + ", ".join(self.config.names) + ".\n"))
 
 
 def register_auto_classes() -> None:
     AutoConfig.register(SAEMergedConfig.model_type, SAEMergedConfig, exist_ok=True)
     AutoModelForCausalLM.register(SAEMergedConfig, SAEMergedForCausalLM, exist_ok=True)
+
+
+# Saving copies this file and its relative imports into the folder and writes `auto_map` into config.json, so
+# `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` works where saemerge is not installed.
+SAEMergedConfig.register_for_auto_class()
+SAEMergedForCausalLM.register_for_auto_class("AutoModelForCausalLM")

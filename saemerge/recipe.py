@@ -35,10 +35,15 @@ class SourceSpec(Strict):
     device_map: str | None = Field(None, description="Spread the source over the devices with accelerate (`auto`, `balanced`, ...) instead of putting it on `train.device`.")
     layer: int | str | list[int | str] = Field(description="Block index i (the residual stream after block i = hidden_states[i+1]), a module path, or a list of them (one shared latent space per position in the list).")
     trust_remote_code: bool = Field(False, description="Allow the source's own modeling code from its folder.")
+    sae: str | list[str] | None = Field(None, description="SAE folder(s) to start from, one per layer, in saemerge, SAELens or sparsify format; trained on with the others (sources without one start as `latent.init` says).")
 
     @property
     def layers(self) -> list[int | str]:
         return list(self.layer) if isinstance(self.layer, list) else [self.layer]
+
+    @property
+    def sae_folders(self) -> list[str]:
+        return [] if self.sae is None else list(self.sae) if isinstance(self.sae, list) else [self.sae]
 
 
 class LatentSpec(Strict):
@@ -109,6 +114,11 @@ class EvalSpec(Strict):
     max_length: int | None = Field(None, gt=1, description="Context lm-eval scores with (rolling windows); default: the target's maximum positions.")
 
 
+class SaveSpec(Strict):
+    storage: Literal["self-contained", "reference"] = Field("self-contained", description="self-contained: the sources' weights go into the folder; reference: only the SAEs, gates and router, with the sources' ids, revisions and adapters to load them from at load time (like a PEFT adapter).")
+    max_shard_size: str = Field("5GB", pattern=r"^[0-9]+(GB|MB|KB|GiB|MiB|KiB)$", description="Weight files larger than this are split into shards with an index file, e.g. 5GB, 500MB.")
+
+
 class Recipe(Strict):
     name: str = Field(description="Name of the merge.")
     models: list[SourceSpec] = Field(min_length=2, description="Two or more sources.")
@@ -118,6 +128,7 @@ class Recipe(Strict):
     merge: MergeSpec
     eval: EvalSpec = Field(default_factory=EvalSpec)
     output: str = Field(description="Folder the merged model is written to.")
+    save: SaveSpec = Field(default_factory=SaveSpec)
 
     def source(self, name: str) -> SourceSpec:
         return next(s for s in self.models if s.name == name)
@@ -143,6 +154,9 @@ def _cross_field_errors(recipe: Recipe) -> list[str]:
         elif counts[i] != counts[0]:
             errors.append(f"models.{i}.layer: {counts[i]} layers; expected as many as models.0 ({counts[0]}): "
                           "the i-th layers of all sources share one latent space")
+        # A source starts all its SAEs from files or none of them; other sources may start fresh.
+        if spec.sae is not None and len(spec.sae_folders) != counts[i]:
+            errors.append(f"models.{i}.sae: {len(spec.sae_folders)} given; expected one folder per layer ({counts[i]})")
     if recipe.merge.target not in names:
         errors.append(f"merge.target: '{recipe.merge.target}' is not a source; expected one of {names}")
     for j, name in enumerate(recipe.merge.inject or []):

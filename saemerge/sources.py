@@ -8,10 +8,9 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from .hooks import resolve_layer
-from .recipe import Recipe, RecipeError, SourceSpec
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from .hooks import find_blocks, resolve_layer
+from .modeling import load_pretrained_source
+from .recipe import LatentSpec, Recipe, RecipeError, SourceSpec
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -46,26 +45,15 @@ def _tokenizer(model: str, revision: str | None, gguf_file: str | None, trust_re
 
 def load_source(spec: SourceSpec, device: str | torch.device = "cpu") -> PreTrainedModel:
     """A frozen source in eval mode, its adapter merged in. Weights come from safetensors or GGUF, never pickles."""
-    kwargs = _load_kwargs(spec)
-    if not spec.gguf_file:
-        kwargs["use_safetensors"] = True
-    if spec.device_map:
-        kwargs["device_map"] = spec.device_map
-    model = AutoModelForCausalLM.from_pretrained(spec.model, dtype=DTYPES[spec.dtype], **kwargs)
-    if spec.gguf_file:
-        # GGUF weights arrive dequantized; drop the quantizer so the merged model saves like any other.
-        del model.config.quantization_config
-        model.hf_quantizer = None
-    if spec.adapter:
-        from huggingface_hub import snapshot_download
-        from peft import PeftModel
+    model = load_pretrained_source(**reference(spec), device_map=spec.device_map)
+    return model if spec.device_map else model.to(device)
 
-        # Fetch only the safetensors file: peft itself would fall back to a pickled adapter_model.bin.
-        folder = spec.adapter if Path(spec.adapter).is_dir() else snapshot_download(
-            spec.adapter, allow_patterns=["adapter_config.json", "adapter_model.safetensors"])
-        model = PeftModel.from_pretrained(model, folder).merge_and_unload()
-    model.requires_grad_(False)
-    return model.eval() if spec.device_map else model.eval().to(device)
+
+def reference(spec: SourceSpec) -> dict:
+    """How to load the source again later (the arguments of `load_pretrained_source`); local paths made absolute."""
+    local = lambda path: str(Path(path).resolve()) if path and Path(path).exists() else path
+    return {"model": local(spec.model), "revision": spec.revision, "gguf_file": spec.gguf_file,
+            "adapter": local(spec.adapter), "dtype": spec.dtype, "trust_remote_code": spec.trust_remote_code}
 
 
 def check_adapter(spec: SourceSpec, skeleton: PreTrainedModel) -> str | None:
@@ -107,6 +95,41 @@ def check_adapter(spec: SourceSpec, skeleton: PreTrainedModel) -> str | None:
     return None
 
 
+def check_sae_files(spec: SourceSpec, where: str, skeleton: PreTrainedModel, paths: list[str],
+                    latent: LatentSpec) -> list[str]:
+    """The source's `sae:` folders must hold SAEs of its layers' widths with the recipe's latent size, activation
+    and k (the merged model builds every SAE from `latent`)."""
+    from .interchange import import_sae
+
+    errors = []
+    kind = lambda activation, k: f"topk (k {k})" if activation == "topk" else activation
+    blocks, _ = find_blocks(skeleton)
+    for j, (folder, path) in enumerate(zip(spec.sae_folders, paths)):
+        at = f"{where}.sae" + (f".{j}" if isinstance(spec.sae, list) else "")
+        if not Path(folder).is_dir():
+            errors.append(f"{at}: folder '{folder}' does not exist")
+            continue
+        try:
+            cfg = import_sae(folder).cfg
+        except Exception as e:  # any reader failure becomes one line naming the folder
+            errors.append(f"{at}: cannot import '{folder}': {_one_line(e)}")
+            continue
+        # Block outputs have the hidden size, linear layers their out_features (GPT-2's Conv1D: nf); other
+        # modules are checked once activations exist.
+        module = skeleton.get_submodule(path)
+        width = (skeleton.config.get_text_config().hidden_size if path.rpartition(".")[0] == blocks
+                 else getattr(module, "out_features", getattr(module, "nf", None)))
+        if width is not None and cfg.d_in != width:
+            errors.append(f"{at}: '{folder}' reads {cfg.d_in} features; expected {width}, the width of {path} "
+                          f"in '{spec.model}'")
+        if cfg.d_sae != latent.size:
+            errors.append(f"{at}: '{folder}' has {cfg.d_sae} latents; expected latent.size ({latent.size})")
+        if kind(cfg.activation, cfg.k) != kind(latent.activation, latent.k):
+            errors.append(f"{at}: '{folder}' is a {kind(cfg.activation, cfg.k)} SAE; expected "
+                          f"{kind(latent.activation, latent.k)} (latent.activation, latent.k)")
+    return errors
+
+
 def _tokenizers_match(a, b) -> bool:
     probe = "Hello, world!\n    def f(x):\n        return x ** 2  # ünïcödé 123"
     return a.get_vocab() == b.get_vocab() and a(probe)["input_ids"] == b(probe)["input_ids"]
@@ -141,6 +164,8 @@ def check_sources(recipe: Recipe) -> dict:
             paths[spec.name] = [resolve_layer(skeleton, layer) for layer in spec.layers]
         except ValueError as e:
             errors.append(f"{where}.layer: {e}")
+        if spec.sae and spec.name in paths:
+            errors += check_sae_files(spec, where, skeleton, paths[spec.name], recipe.latent)
         try:
             tokenizers[spec.name] = load_tokenizer(spec)
         except Exception as e:

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .harvest import paired_activations
-from .recipe import Recipe
+from .interchange import import_sae
+from .recipe import Recipe, RecipeError
 from .sae import SAEConfig, SparseAutoencoder
 from .sources import resolve_device
 
@@ -111,6 +112,28 @@ def _tokens(batch: list[dict[str, torch.Tensor]]) -> int:
     return next(iter(batch[0].values())).shape[0]
 
 
+@torch.no_grad()
+def start_from_file(sae: SparseAutoencoder, folder: str, x: torch.Tensor) -> None:
+    """Make `sae` compute what the SAE in `folder` (saemerge, SAELens or sparsify format) computes, in the units
+    the trainer expects. The input scale comes from the data `x` as for a fresh SAE, so penalties and learning
+    rate mean the same for every source (the weights are rescaled to match: exact). Decoder rows are brought to
+    unit norm, as the trainer keeps them, each row's norm moved into its encoder column and b_enc: exact for
+    ReLU; for TopK the k latents are then ranked by norm * pre-activation, which may change the choice when the
+    file's rows were not unit-norm (our exports' rows all have norm act_scale, which keeps the choice)."""
+    src = import_sae(folder)
+    if (src.cfg.d_in, src.cfg.d_sae) != (sae.cfg.d_in, sae.cfg.d_sae):
+        raise RecipeError(f"sae: '{folder}' has d_in {src.cfg.d_in} and {src.cfg.d_sae} latents; expected "
+                          f"{sae.cfg.d_in} (the source's layer width) and {sae.cfg.d_sae} (latent.size)")
+    scale = x.float().norm(dim=-1).mean().item() / sae.cfg.d_in ** 0.5  # as in init_from_data
+    ratio = src.act_scale.item() / scale
+    norm = (src.W_dec * ratio).norm(dim=-1).clamp_min(1e-8)
+    sae.act_scale.fill_(scale)
+    sae.W_enc.copy_(src.W_enc / ratio * norm)
+    sae.b_enc.copy_(src.b_enc * norm)
+    sae.W_dec.copy_(src.W_dec * ratio / norm[:, None])
+    sae.b_dec.copy_(src.b_dec * ratio)
+
+
 def train_saes(recipe: Recipe, sources: dict, paths: dict[str, list[str]], tokenizer,
                log_path: str | Path | None = None,
                progress: bool = True) -> tuple[list[dict[str, SparseAutoencoder]], dict]:
@@ -137,8 +160,11 @@ def train_saes(recipe: Recipe, sources: dict, paths: dict[str, list[str]], token
             x = torch.cat([batch[site][name] for batch in first])
             sae = SparseAutoencoder(SAEConfig(d_in=x.shape[-1], d_sae=recipe.latent.size, k=recipe.latent.k,
                                               activation=recipe.latent.activation, bias=recipe.latent.bias))
-            sae.init_random(generator)
-            sae.init_from_data(x, rows)
+            if recipe.source(name).sae:
+                start_from_file(sae, recipe.source(name).sae_folders[site], x)
+            else:
+                sae.init_random(generator)
+                sae.init_from_data(x, rows)
             saes[site][name] = sae.to(device)
     every_sae = [sae for site in saes for sae in site.values()]
     optimizer = torch.optim.Adam([p for sae in every_sae for p in sae.parameters()], lr=recipe.train.lr)

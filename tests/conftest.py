@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 REPO = Path(__file__).resolve().parent.parent
@@ -98,6 +99,18 @@ def zoo(tmp_path_factory, tokenizer):
     train_tokenizer(300).save_pretrained(other)
     folders["gpt2_other_tok"] = other
     return folders
+
+
+@pytest.fixture(scope="session")
+def lora(zoo, tmp_path_factory):
+    """A LoRA adapter on the tiny Llama with non-zero B (so it changes the model), and the PEFT model."""
+    folder = tmp_path_factory.mktemp("lora") / "adapter"
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(zoo["llama"])
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                 init_lora_weights=False)).eval()
+    peft_model.save_pretrained(folder)
+    return folder, peft_model
 
 
 def write_gguf(model, tokenizer, path: Path, architecture: str = "gpt2") -> Path:

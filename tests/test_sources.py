@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from saemerge import RecipeError, load_source, merge, parse_recipe, validate
@@ -31,18 +31,6 @@ def gguf_source(tokenizer, tmp_path_factory):
     model.save_pretrained(root / "hf")
     tokenizer.save_pretrained(root / "hf")
     return model, root
-
-
-@pytest.fixture(scope="module")
-def lora(zoo, tmp_path_factory):
-    """A LoRA adapter on the tiny Llama with non-zero B (so it changes the model), and the PEFT model."""
-    folder = tmp_path_factory.mktemp("lora") / "adapter"
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(zoo["llama"])
-    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
-                                                 init_lora_weights=False)).eval()
-    peft_model.save_pretrained(folder)
-    return folder, peft_model
 
 
 def test_gguf_source_loads_the_same_weights(gguf_source):

@@ -1,0 +1,126 @@
+"""The model card (README.md) of a merged folder, built from the files the merge wrote."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import yaml
+
+from .evaluate import results_table
+from .report import sae_table
+
+TAGS = ["saemerge", "merge", "sparse-autoencoder"]
+# The last line of a generated card hashes the rest, so that `saemerge push` can tell it was not edited since.
+MARK = "<!-- saemerge model card {} -->"
+
+
+def hub_ids(models: list[dict]) -> list[str]:
+    """The sources and adapters that are Hub ids, in order, once each. Local folders are left out: the Hub's
+    model tree (base_model) only understands repo ids."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    ids = []
+    for spec in models:
+        for name in (spec.get("model"), spec.get("adapter")):
+            if not name or Path(name).exists() or name in ids:
+                continue
+            try:
+                validate_repo_id(name)
+            except HFValidationError:
+                continue  # a path that does not exist here, e.g. relative to another folder
+            ids.append(name)
+    return ids
+
+
+def source_line(spec: dict, layers: list[str]) -> str:
+    line = f"- `{spec['name']}`: `{spec['model']}`"
+    if spec.get("revision"):
+        line += f" (revision `{spec['revision']}`)"
+    if spec.get("gguf_file"):
+        line += f", GGUF file `{spec['gguf_file']}`"
+    if spec.get("adapter"):
+        line += f", LoRA adapter `{spec['adapter']}` merged in"
+    return line + f"; layer{'s' if len(layers) > 1 else ''} " + ", ".join(f"`{p}`" for p in layers)
+
+
+def model_card(folder: str | Path, repo_id: str | None = None) -> str:
+    """README.md for a merged folder: Hub metadata, what was merged and how, the recipe, the SAE metrics, the
+    evaluation (if any) and how to load it. `repo_id` goes into the loading snippet (default: the folder name)."""
+    from huggingface_hub import ModelCardData
+
+    folder = Path(folder)
+    recipe_text = (folder / "recipe.yaml").read_text()
+    recipe = yaml.safe_load(recipe_text)
+    metrics = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").is_file() else {}
+    config = json.loads((folder / "config.json").read_text())
+    sites = metrics.get("sites", [])
+    base_model = hub_ids(recipe["models"])
+    data = ModelCardData(base_model=base_model or None, base_model_relation="merge" if base_model else None,
+                         tags=TAGS, library_name="transformers", pipeline_tag="text-generation")
+
+    m, latent = recipe["merge"], recipe["latent"]
+    sparsity = f"TopK, k {latent['k']}" if latent["activation"] == "topk" else f"ReLU, L1 {latent['l1']}"
+    settings = (f"heads `{m['heads']}`, target `{m['target']}`, combine `{m['combine']}`, scale {m['scale']}, "
+                f"gates {', '.join(m['gates']) or 'none'}")
+    calibration = metrics.get("calibration")
+    if calibration:
+        settings += (f"; gates and router calibrated for {calibration['steps']} steps (held-back next-token loss "
+                     f"{calibration['held_back_loss_before']:.4f} -> {calibration['held_back_loss_after']:.4f})")
+    text = [
+        f"# {recipe['name']}",
+        "",
+        f"A merge of {len(recipe['models'])} causal language models made with saemerge: each source has a sparse "
+        "autoencoder (SAE) on its residual stream, all SAEs share one latent space, and features are carried "
+        "between the sources through it. The sources run side by side on the same tokens.",
+        "",
+        "Sources:",
+        "",
+        *(source_line(spec, [site["layers"][spec["name"]] for site in sites] or [str(spec["layer"])])
+          for spec in recipe["models"]),
+        "",
+        f"Latent space: {latent['size']} latents ({sparsity}), trained on {metrics.get('train_tokens', 0):,} tokens.",
+        f"Merge: {settings}.",
+    ]
+    if recipe.get("save", {}).get("storage") == "reference":
+        text.append("The sources' weights are not in this repository: loading fetches them from the sources above.")
+    text += ["", "## Usage", "", "```python", "import saemerge  # registers the architecture with transformers",
+             "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+             f'model = AutoModelForCausalLM.from_pretrained("{repo_id or folder.name}")',
+             f'tokenizer = AutoTokenizer.from_pretrained("{repo_id or folder.name}")', "```", ""]
+    if "auto_map" in config:  # the modeling code travels with the weights
+        text += ["Without saemerge installed, pass `trust_remote_code=True` to `from_pretrained` (it runs the "
+                 "modeling code stored in this repository).", ""]
+    text += ["## Recipe", "", "```yaml", recipe_text.rstrip("\n"), "```", ""]
+    if sites:
+        text += ["## Sparse autoencoders", "",
+                 f"Measured on {sites[0]['tokens']:,} held-back tokens. Explained variance of each SAE on its own "
+                 "source; cross explained variance: source B's activation reconstructed from source A's code.", ""]
+        for site in sites:
+            if len(sites) > 1:
+                text += ["Layers: " + ", ".join(f"{name} `{path}`" for name, path in site["layers"].items()), ""]
+            text += [sae_table(site), ""]
+    if (folder / "training_curves.png").is_file():
+        text += ["![training curves](training_curves.png)", ""]
+    if (folder / "eval_results.json").is_file():
+        results = json.loads((folder / "eval_results.json").read_text())["results"]
+        text += ["## Evaluation (lm-evaluation-harness)", "", results_table(results), ""]
+    card = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(text)
+    return f"{card}\n{MARK.format(digest(card))}\n"
+
+
+def digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def is_generated(readme: str) -> bool:
+    """True if `readme` is a card written by model_card and not edited since."""
+    card, _, last = readme.rstrip("\n").rpartition("\n")
+    return last == MARK.format(digest(card))
+
+
+def write_model_card(folder: str | Path, repo_id: str | None = None) -> Path:
+    path = Path(folder) / "README.md"
+    path.write_text(model_card(folder, repo_id))
+    return path

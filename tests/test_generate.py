@@ -1,0 +1,114 @@
+"""generate() on merged models: each source keeps its own KV cache, and caching changes no output."""
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from saemerge import build_merged, load_source, parse_recipe, train_saes, validate
+from saemerge.modeling import MergedCache
+from conftest import recipe_dict
+
+PROMPTS = ["def main():\n    return", "In the beginning God created", "x"]
+
+
+@pytest.fixture(scope="module")
+def merges(zoo, tmp_path_factory):
+    """Three wirings of one SAE pair (gpt2 -> llama): one receiver; every source receiving with gates and a
+    router; and two layers per source (two sites)."""
+    built = {}
+    for kind, overrides, layers in [
+        ("target", {}, 1),
+        ("router", {"merge__heads": "router", "merge__gates": ["latent", "token"]}, 1),
+        ("two_sites", {}, [0, 2]),
+    ]:
+        raw = recipe_dict(zoo["gpt2"], zoo["llama"], tmp_path_factory.mktemp(kind) / "out", data__tokens=1024,
+                          **overrides)
+        for model in raw["models"]:
+            model["layer"] = layers
+        recipe = parse_recipe(raw)
+        paths = validate(recipe)
+        sources = {s.name: load_source(s) for s in recipe.models}
+        saes, _ = train_saes(recipe, sources, paths, AutoTokenizer.from_pretrained(zoo["gpt2"]), progress=False)
+        model = build_merged(recipe, sources, saes, paths)
+        if kind == "router":  # calibrated-looking parameters, so that gates and router matter
+            torch.manual_seed(0)
+            for p in model.calibration_parameters():
+                p.data.normal_(0, 0.5)
+        built[kind] = model
+    return built
+
+
+@pytest.fixture(scope="module")
+def batch(zoo):
+    tok = AutoTokenizer.from_pretrained(zoo["gpt2"])
+    tok.padding_side = "left"
+    tok.pad_token = tok.eos_token
+    return tok(PROMPTS, return_tensors="pt", padding=True)
+
+
+@pytest.mark.parametrize("kind", ["target", "router", "two_sites"])
+def test_greedy_with_cache_equals_greedy_without(merges, batch, kind):
+    model = merges[kind]
+    kwargs = dict(**batch, max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
+    cached = model.generate(**kwargs, use_cache=True)
+    recomputed = model.generate(**kwargs, use_cache=False)
+    assert cached.shape == (3, batch["input_ids"].shape[1] + 12)
+    assert torch.equal(cached, recomputed)
+
+
+def test_the_cache_holds_one_kv_cache_per_source_run(merges, batch):
+    """The router wiring runs every source up to its layer (sender) and whole (receiver): four caches, the
+    senders' filled only up to their layer."""
+    model = merges["router"]
+    with torch.no_grad():
+        out = model(**batch, use_cache=True)
+    cache = out.past_key_values
+    assert isinstance(cache, MergedCache)
+    assert set(cache.caches) == {"send:a", "send:b", "receive:a", "receive:b"}
+    length = batch["input_ids"].shape[1]
+    assert cache.get_seq_length() == length
+    sender = cache.caches["send:a"]
+    assert sender.get_seq_length(1) == length and sender.get_seq_length(2) == 0  # layer 1 is the last it needs
+    assert model(**batch).past_key_values is None  # plain forwards (lm-eval) keep no cache
+
+
+def test_left_padded_batch_generates_what_each_prompt_generates_alone(merges, batch, zoo):
+    tok = AutoTokenizer.from_pretrained(zoo["gpt2"])
+    model = merges["target"]
+    together = model.generate(**batch, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    for i, prompt in enumerate(PROMPTS):
+        alone = model.generate(**tok(prompt, return_tensors="pt"), max_new_tokens=8, do_sample=False,
+                               pad_token_id=0, eos_token_id=None)
+        assert torch.equal(together[i, -8:], alone[0, -8:]), prompt
+
+
+def test_eos_stops_and_pads(merges, batch):
+    model = merges["target"]
+    greedy = model.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    start = batch["input_ids"].shape[1]
+    stop = int(greedy[0, start + 1])  # the first row's second new token becomes its end of sequence
+    out = model.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=399, eos_token_id=stop)
+    assert torch.equal(out[0, : start + 2], greedy[0, : start + 2])
+    if (greedy[:, start:] == stop).any(-1).all():
+        assert out.shape[1] < greedy.shape[1]  # every row stopped early
+    assert (out[0, start + 2:] == 399).all()  # padded after its end of sequence
+
+
+def test_sampling_is_seeded_and_differs_from_greedy(merges, batch):
+    model = merges["router"]
+    kwargs = dict(**batch, max_new_tokens=10, do_sample=True, temperature=1.5, top_k=50, pad_token_id=0,
+                  eos_token_id=None)
+    torch.manual_seed(3)
+    first = model.generate(**kwargs)
+    torch.manual_seed(3)
+    again = model.generate(**kwargs)
+    greedy = model.generate(**batch, max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, greedy)
+    assert first.max() < model.config.vocab_size
+
+
+def test_beam_search_reorders_every_source_cache(merges, batch):
+    model = merges["router"]
+    kwargs = dict(**batch, max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(model.generate(**kwargs, use_cache=True), model.generate(**kwargs, use_cache=False))
