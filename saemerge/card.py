@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from .evaluate import results_table
+from .files import write_atomic
 from .report import sae_table
 
 TAGS = ["saemerge", "merge", "sparse-autoencoder"]
@@ -121,6 +122,4 @@ def is_generated(readme: str) -> bool:
 
 
 def write_model_card(folder: str | Path, repo_id: str | None = None) -> Path:
-    path = Path(folder) / "README.md"
-    path.write_text(model_card(folder, repo_id))
-    return path
+    return write_atomic(Path(folder) / "README.md", model_card(folder, repo_id))

@@ -17,14 +17,21 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
                    help="override a recipe field, e.g. --set train.seed=3 --set models.0.layer=2 (repeatable)")
 
 
+def _allow_pickle_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="also load pickled weights (pytorch_model.bin, *.pt, adapter_model.bin); loading a pickle "
+                        "can run code: only for files you trust")
+
+
 def cmd_validate(args) -> int:
-    from .merge import validate
+    from .merge import output_bytes, size_text, validate
 
     recipe = load_recipe(args.recipe, args.overrides)
-    paths = validate(recipe, overwrite=True)
+    paths = validate(recipe, overwrite=True, allow_pickle=args.allow_pickle)
     print(f"{args.recipe}: ok")
     for spec in recipe.models:
         print(f"  {spec.name}: {spec.model}  layer {spec.layer!r} -> {', '.join(paths[spec.name])}")
+    print(f"  will write about {size_text(output_bytes(recipe, paths))} to {recipe.output}")
     return 0
 
 
@@ -34,7 +41,7 @@ def cmd_merge(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     start = time.perf_counter()
     output = merge(recipe, output=args.output, overwrite=args.overwrite, progress=not args.quiet,
-                   evaluate_after=not args.no_eval)
+                   evaluate_after=not args.no_eval, resume=args.resume, allow_pickle=args.allow_pickle)
     print((output / "report.md").read_text())
     print(f"merged model written to {output} in {time.perf_counter() - start:.0f}s")
     return 0
@@ -43,7 +50,7 @@ def cmd_merge(args) -> int:
 def cmd_eval(args) -> int:
     from .evaluate import evaluate, load_merged, results_table
 
-    model, tokenizer = load_merged(args.model, device=args.device)
+    model, tokenizer = load_merged(args.model, device=args.device, allow_pickle=args.allow_pickle)
     tasks = [t for t in args.tasks.split(",") if t]
     output = Path(args.output) if args.output else Path(args.model) / "eval_results.json"
     results = evaluate(model, tokenizer, tasks, args.include_path, args.limit, args.batch_size, output=output,
@@ -91,8 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("validate", help="check a recipe and its sources without training",
-                       description="Check a recipe: schema, sources, layers, tokenizers, data. Writes nothing.")
+                       description="Check a recipe: schema, sources, layers, tokenizers, data, disk space. "
+                                   "Writes nothing.")
     _recipe_args(p)
+    _allow_pickle_arg(p)
     p.set_defaults(run=cmd_validate)
 
     p = sub.add_parser("merge", help="run a recipe: harvest, train the SAEs, build, save, evaluate, report",
@@ -100,8 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_args(p)
     p.add_argument("--output", help="output folder (default: the recipe's `output`)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder once the new one is complete")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its checkpoint (same recipe; train.lr may change)")
     p.add_argument("--no-eval", action="store_true", help="skip the recipe's lm-eval tasks")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _allow_pickle_arg(p)
     p.set_defaults(run=cmd_merge)
 
     p = sub.add_parser("eval", help="run lm-evaluation-harness tasks on a merged model folder",
@@ -114,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, help="context lm-eval scores with (default: the model's)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--output", help="JSON file for the results (default: MODEL/eval_results.json)")
+    _allow_pickle_arg(p)
     p.set_defaults(run=cmd_eval)
 
     p = sub.add_parser("push", help="upload a merged model folder to the Hugging Face Hub, with a model card",
@@ -144,10 +157,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except RecipeError as e:
         for line in e.lines:
+            # Control characters from the input (a newline in a key, a terminal escape) shown escaped: one line each.
+            line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in line)
             print(f"error: {line}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # TrainingInterrupted says where its checkpoint is
+        print(f"interrupted: {e}; continue with --resume" if str(e) else "interrupted", file=sys.stderr)
         return 130
 
 

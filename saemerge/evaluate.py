@@ -6,17 +6,29 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
+from .files import write_atomic
 from .recipe import RecipeError
 
 
-def load_merged(folder: str | Path, device: str = "cpu"):
-    """A saved merged model (or any causal LM folder) and its tokenizer, offline."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_merged(folder: str | Path, device: str = "cpu", allow_pickle: bool = False):
+    """A saved merged model (or any causal LM folder) and its tokenizer, offline. Pickled weights (of the
+    folder, or of a source stored by reference) only with `allow_pickle`."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise RecipeError(f"{folder}: not a model folder; expected config.json inside")
-    model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True).to(device).eval()
+    if not allow_pickle:
+        kwargs = {"use_safetensors": True}
+    else:  # a merged folder passes it on to its sources; other models just may read a pickle
+        kwargs = {"allow_pickle": True} if AutoConfig.from_pretrained(folder).model_type == "saemerge" else {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs).to(device).eval()
+    except OSError as e:  # a missing or pickled source or weights file: one line
+        reason = str(e).strip().splitlines()[0]
+        if not allow_pickle and "no file named model.safetensors" in reason:
+            reason += " (pickle weights load only with --allow-pickle, if you trust them)"
+        raise RecipeError(f"{folder}: {reason}") from None
     return model, AutoTokenizer.from_pretrained(folder)
 
 
@@ -48,8 +60,8 @@ def evaluate(model, tokenizer, tasks: list[str], include_path: str | Path | None
                for task, metrics in raw["results"].items()}
     if output:
         config = {"tasks": list(tasks), "limit": limit, "max_length": lm.max_length}
-        Path(output).write_text(json.dumps({"results": results, "lm_eval": raw["results"], "config": config},
-                                           indent=2, default=str))
+        write_atomic(output, json.dumps({"results": results, "lm_eval": raw["results"], "config": config},
+                                        indent=2, default=str))
     return results
 
 

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Iterator
-
 import torch
 
-from .data import token_batches
 from .hooks import run_to_layers
-from .recipe import Recipe
 
 
 @torch.no_grad()
@@ -23,11 +19,3 @@ def activations(sources: dict, paths: dict[str, list[str]], input_ids: torch.Ten
         for site, hidden in zip(sites, run_to_layers(model, paths[name], input_ids.to(model.device))):
             site[name] = hidden[:, 1:].reshape(-1, hidden.shape[-1]).float()
     return sites
-
-
-def paired_activations(recipe: Recipe, sources: dict, paths: dict[str, list[str]],
-                       tokenizer) -> Iterator[list[dict[str, torch.Tensor]]]:
-    """Endless stream of paired activation batches of about `train.batch_tokens` tokens."""
-    batch_size = max(1, recipe.train.batch_tokens // recipe.data.seq_len)
-    for input_ids in token_batches(recipe.data, tokenizer, batch_size, recipe.train.seed):
-        yield activations(sources, paths, input_ids)

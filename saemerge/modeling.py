@@ -41,16 +41,25 @@ MERGE_FILES = ("README.md", "recipe.yaml", "metrics.json", "eval_results.json", 
 
 def load_pretrained_source(model: str, revision: str | None = None, gguf_file: str | None = None,
                            adapter: str | None = None, dtype: str = "float32", trust_remote_code: bool = False,
-                           device_map: str | None = None) -> PreTrainedModel:
+                           device_map: str | None = None, allow_pickle: bool = False) -> PreTrainedModel:
     """A source causal LM in eval mode, frozen, its LoRA adapter merged in; weights from safetensors or GGUF,
-    never pickles. Lives here so that a merged folder stored by reference can load its sources without saemerge."""
+    pickles only with `allow_pickle` (loading one can run code). Lives here so that a merged folder stored by
+    reference can load its sources without saemerge."""
     kwargs = {"revision": revision, "trust_remote_code": trust_remote_code, "device_map": device_map}
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
-    else:
+    elif not allow_pickle:
         kwargs["use_safetensors"] = True
-    source = AutoModelForCausalLM.from_pretrained(model, dtype=DTYPES[dtype], **kwargs)
+    try:
+        source = AutoModelForCausalLM.from_pretrained(model, dtype=DTYPES[dtype], **kwargs)
+    except OSError as e:
+        # transformers' "no model.safetensors (...) do not set use_safetensors=True": say what it means here.
+        if "use_safetensors" in kwargs and ("use_safetensors" in str(e) or "named model.safetensors" in str(e)):
+            raise OSError(f"'{model}' has no *.safetensors weights; expected safetensors (if it holds pickle "
+                          "weights such as pytorch_model.bin and you trust them, pass --allow-pickle / "
+                          "allow_pickle=True)") from e
+        raise
     if gguf_file:
         # GGUF weights arrive dequantized; drop the quantizer so the merged model saves like any other.
         del source.config.quantization_config
@@ -59,9 +68,13 @@ def load_pretrained_source(model: str, revision: str | None = None, gguf_file: s
         from huggingface_hub import snapshot_download
 
         peft = importlib.import_module("peft")  # needed only for adapters, so the folder's code does not require it
-        # Fetch only the safetensors file: peft itself would fall back to a pickled adapter_model.bin.
-        folder = adapter if Path(adapter).is_dir() else snapshot_download(
-            adapter, allow_patterns=["adapter_config.json", "adapter_model.safetensors"])
+        # Fetch only the safetensors file unless pickles are allowed: peft itself would fall back to a pickled
+        # adapter_model.bin.
+        files = ["adapter_config.json", "adapter_model.safetensors"] + (["adapter_model.bin"] if allow_pickle else [])
+        folder = adapter if Path(adapter).is_dir() else snapshot_download(adapter, allow_patterns=files)
+        if not allow_pickle and not (Path(folder) / "adapter_model.safetensors").is_file():
+            raise OSError(f"adapter '{adapter}' has no adapter_model.safetensors; expected safetensors (if it holds "
+                          "a pickled adapter_model.bin and you trust it, pass --allow-pickle / allow_pickle=True)")
         source = peft.PeftModel.from_pretrained(source, folder).merge_and_unload()
     source.requires_grad_(False)
     return source.eval()
@@ -260,6 +273,9 @@ class SAEMergedForCausalLM(PreTrainedModel, GenerationMixin):
                 use_cache: bool | None = None, labels: torch.LongTensor | None = None,
                 **kwargs) -> CausalLMOutputWithPast:
         cfg = self.config
+        if input_ids.shape[-1] == 0:  # no tokens, no logits (the sources' own forwards fail on an empty sequence)
+            head = self.get_output_embeddings().weight
+            return CausalLMOutputWithPast(logits=head.new_zeros(*input_ids.shape, len(head)), past_key_values=past_key_values)
         cache = past_key_values if past_key_values is not None else MergedCache() if use_cache else None
 
         def run(role: str, name: str) -> dict:
@@ -308,10 +324,12 @@ class SAEMergedForCausalLM(PreTrainedModel, GenerationMixin):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
         hub = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
+        allow_pickle = kwargs.pop("allow_pickle", False)  # for sources stored by reference; never from the config
         if not isinstance(config, PretrainedConfig):
             config = cls.config_class.from_pretrained(pretrained_model_name_or_path, **hub)
         if config.storage == "reference":
-            model = cls._from_references(pretrained_model_name_or_path, config, hub, kwargs.get("device_map"))
+            model = cls._from_references(pretrained_model_name_or_path, config, hub, kwargs.get("device_map"),
+                                         allow_pickle)
         else:
             model = super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
         for name in MERGE_FILES:
@@ -321,14 +339,15 @@ class SAEMergedForCausalLM(PreTrainedModel, GenerationMixin):
         return model
 
     @classmethod
-    def _from_references(cls, folder, config, hub: dict, device_map: str | None):
+    def _from_references(cls, folder, config, hub: dict, device_map: str | None, allow_pickle: bool = False):
         """Sources fetched (or found locally) by their ids; SAEs, gates and router from the folder."""
         from safetensors.torch import load_file
 
         sources = {}
         for s in config.sources:
             try:
-                sources[s["name"]] = load_pretrained_source(**s["reference"], device_map=device_map)
+                sources[s["name"]] = load_pretrained_source(**s["reference"], device_map=device_map,
+                                                            allow_pickle=allow_pickle)
             except OSError as e:
                 raise OSError(f"{folder} is stored by reference and its source '{s['name']}' ({s['reference']['model']}) "
                               f"cannot be loaded: {str(e).strip().splitlines()[0]}") from e

@@ -22,7 +22,8 @@ class RecipeError(Exception):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No nan or inf anywhere: a recipe number is a size, a weight or a rate, and a non-finite one poisons the model.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class SourceSpec(Strict):
@@ -83,10 +84,12 @@ class DataSpec(Strict):
 class TrainSpec(Strict):
     batch_tokens: int = Field(4096, gt=0, description="Tokens per optimisation step.")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate (cosine decay to 10%).")
-    seed: int = Field(0, description="Seed for initialisation and data order.")
+    # datasets takes seeds below 2^32, and calibration uses seed + 1 and seed + 2.
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for initialisation and data order (0 .. 2^31 - 1).")
     eval_tokens: int = Field(16384, gt=0, description="Fresh tokens for the final SAE metrics.")
     log_every: int = Field(25, gt=0, description="Steps between lines of training_log.jsonl.")
     resample_every: int = Field(25, ge=0, description="Steps between resamplings of latents dead in every source (0: never).")
+    checkpoint_every: int = Field(200, ge=0, description="Steps between training checkpoints (0: only when interrupted and at the end); `--resume` continues from the last.")
     device: str = Field("auto", description="auto (cuda if present, else cpu), cpu, cuda, cuda:1, ...")
 
 
@@ -99,7 +102,8 @@ class CalibrateSpec(Strict):
 class MergeSpec(Strict):
     target: str = Field(description="Name of the source whose residual stream receives the features (heads: target).")
     combine: Literal["sum", "mean"] = Field("mean", description="sum: add decoded features; mean: average reconstructions, keep the receiver's error.")
-    scale: float = Field(1.0, description="Multiplies what is brought in (0: no feature exchange).")
+    # Bounded so that float32 stays finite: a scale of 1e308 saves a model whose logits are inf.
+    scale: float = Field(1.0, ge=-1000, le=1000, description="Multiplies what is brought in (0: no feature exchange).")
     inject: list[str] | None = Field(None, description="Sources whose features are injected (default: all but the target).")
     heads: Literal["target", "mean", "router"] = Field("target", description="target: one stream, the target's head; mean / router: every source receives the others' features and keeps its head, distributions averaged / mixed per token by a learned router.")
     gates: list[Literal["latent", "token"]] = Field(default_factory=list, description="Learned gates on what is injected: per latent, per token (trained by calibration).")
@@ -164,7 +168,19 @@ def _cross_field_errors(recipe: Recipe) -> list[str]:
             errors.append(f"merge.inject.{j}: '{name}' expected a source other than the target, one of {names}")
     if recipe.merge.inject is not None and not recipe.merge.inject:
         errors.append("merge.inject: empty; expected at least one source to inject")
-    return errors
+    return errors + _lone_surrogates(recipe.model_dump())
+
+
+def _lone_surrogates(node: Any, path: str = "") -> list[str]:
+    """Text no file can hold as UTF-8 (YAML's "\\ud800" escape gives a lone surrogate): one line per field."""
+    if isinstance(node, str):
+        try:
+            node.encode("utf-8")
+            return []
+        except UnicodeEncodeError:
+            return [f"{path}: {node!r:.60} holds a lone surrogate; expected valid Unicode text"]
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else []
+    return [line for key, value in items for line in _lone_surrogates(value, f"{path}.{key}".lstrip("."))]
 
 
 def _format_pydantic(err: ValidationError) -> list[str]:

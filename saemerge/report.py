@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from .evaluate import results_table
+from .files import write_atomic
 from .recipe import Recipe
 
 
@@ -71,5 +72,5 @@ def write_report(folder: Path, recipe: Recipe, metrics: dict, results: dict | No
     if timings:
         text += ["## Wall time", "", " · ".join(f"{k} {v:.1f}s" for k, v in timings.items()), ""]
     report = "\n".join(text)
-    (folder / "report.md").write_text(report)
+    write_atomic(folder / "report.md", report)
     return report

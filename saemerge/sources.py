@@ -17,14 +17,13 @@ def resolve_device(setting: str) -> torch.device:
     """`auto` is the first GPU when there is one, else the CPU."""
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(setting)
-
-
-def _load_kwargs(spec: SourceSpec) -> dict:
-    kwargs = dict(revision=spec.revision, trust_remote_code=spec.trust_remote_code)
-    if spec.gguf_file:
-        kwargs["gguf_file"] = spec.gguf_file
-    return kwargs
+    try:
+        device = torch.device(setting)
+        torch.ones(1, device=device).item()  # one this machine has, that holds data (not meta)
+    except (RuntimeError, AssertionError):  # torch asserts "Torch not compiled with CUDA enabled"
+        raise RecipeError(f"train.device: '{setting}' is not a device of this machine; expected auto, cpu, cuda, "
+                          "cuda:1, ...") from None
+    return device
 
 
 def _one_line(e: Exception) -> str:
@@ -43,9 +42,10 @@ def _tokenizer(model: str, revision: str | None, gguf_file: str | None, trust_re
     return AutoTokenizer.from_pretrained(model, **{k: v for k, v in kwargs.items() if v is not None})
 
 
-def load_source(spec: SourceSpec, device: str | torch.device = "cpu") -> PreTrainedModel:
-    """A frozen source in eval mode, its adapter merged in. Weights come from safetensors or GGUF, never pickles."""
-    model = load_pretrained_source(**reference(spec), device_map=spec.device_map)
+def load_source(spec: SourceSpec, device: str | torch.device = "cpu", allow_pickle: bool = False) -> PreTrainedModel:
+    """A frozen source in eval mode, its adapter merged in. Weights come from safetensors or GGUF; pickles only
+    with `allow_pickle` (loading a pickle can run code)."""
+    model = load_pretrained_source(**reference(spec), device_map=spec.device_map, allow_pickle=allow_pickle)
     return model if spec.device_map else model.to(device)
 
 
@@ -56,10 +56,9 @@ def reference(spec: SourceSpec) -> dict:
             "adapter": local(spec.adapter), "dtype": spec.dtype, "trust_remote_code": spec.trust_remote_code}
 
 
-def check_adapter(spec: SourceSpec, skeleton: PreTrainedModel) -> str | None:
+def check_adapter(spec: SourceSpec, skeleton: PreTrainedModel, allow_pickle: bool = False) -> str | None:
     """Why the LoRA adapter cannot apply to this base (None if it can): files, method and every module shape."""
     from peft import PeftConfig
-    from safetensors import safe_open
 
     folder = Path(spec.adapter)
     if not folder.is_dir():
@@ -67,32 +66,99 @@ def check_adapter(spec: SourceSpec, skeleton: PreTrainedModel) -> str | None:
             return f"folder '{spec.adapter}' does not exist"
         return None  # a hub id: checked when it is fetched
     weights = folder / "adapter_model.safetensors"
-    if not (folder / "adapter_config.json").is_file() or not weights.is_file():
-        pickled = [p.name for p in folder.glob("adapter_model.bin")]
-        return (f"'{folder}' holds {pickled} (a pickle); expected adapter_config.json and adapter_model.safetensors"
-                if pickled else f"'{folder}' is not a PEFT adapter; expected adapter_config.json and adapter_model.safetensors")
+    pickled = (folder / "adapter_model.bin").is_file()
+    if not (folder / "adapter_config.json").is_file() or not (weights.is_file() or pickled):
+        return f"'{folder}' is not a PEFT adapter; expected adapter_config.json and adapter_model.safetensors"
+    if not weights.is_file() and not allow_pickle:
+        return (f"'{folder}' holds adapter_model.bin, a pickle (loading it can run code); expected "
+                "adapter_model.safetensors — convert it, or pass --allow-pickle if you trust the file")
     try:
         config = PeftConfig.from_pretrained(folder)
     except Exception as e:
         return f"unreadable adapter_config.json: {_one_line(e)}"
     if config.peft_type != "LORA":
         return f"is a {config.peft_type} adapter; expected LoRA"
-    with safe_open(weights, "pt") as f:
-        for key in f.keys():
-            if not key.endswith(("lora_A.weight", "lora_B.weight")):
-                continue
-            path = key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
-            try:
-                module = skeleton.get_submodule(path)
-            except AttributeError:
-                return f"adapts '{path}', which '{spec.model}' does not have: an adapter for another base"
-            shape = f.get_slice(key).get_shape()
-            expected = module.in_features if key.endswith("lora_A.weight") else module.out_features
-            found = shape[1] if key.endswith("lora_A.weight") else shape[0]
-            if found != expected:
-                return (f"'{path}' has {found} features in the adapter and {expected} in '{spec.model}': "
-                        "an adapter for another base")
+    if not weights.is_file():
+        return None  # an allowed pickle: its shapes are checked when peft loads it
+    shapes = read_shapes(weights)
+    if isinstance(shapes, str):
+        return shapes
+    for key, shape in shapes.items():
+        if not key.endswith(("lora_A.weight", "lora_B.weight")):
+            continue
+        path = key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
+        try:
+            module = skeleton.get_submodule(path)
+        except AttributeError:
+            return f"adapts '{path}', which '{spec.model}' does not have: an adapter for another base"
+        expected = module.in_features if key.endswith("lora_A.weight") else module.out_features
+        found = shape[1] if key.endswith("lora_A.weight") else shape[0]
+        if found != expected:
+            return (f"'{path}' has {found} features in the adapter and {expected} in '{spec.model}': "
+                    "an adapter for another base")
     return None
+
+
+def read_shapes(file: Path) -> dict[str, list[int]] | str:
+    """{tensor name: shape} from a safetensors header (no tensor is read), or why the file cannot be read."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(file, "pt") as f:
+            return {key: list(f.get_slice(key).get_shape()) for key in f.keys()}
+    except Exception as e:  # truncated, not safetensors at all, unreadable
+        return f"'{file}' is not a readable safetensors file: {_one_line(e)}"
+
+
+PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def check_weights(folder: Path, where: str, skeleton: PreTrainedModel, allow_pickle: bool = False) -> list[str]:
+    """A local folder's weights: safetensors (pickles only with `allow_pickle`), every file readable, and every
+    tensor of the shape its config.json gives. Reads the headers only."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for pattern in PICKLES for p in folder.glob(pattern))
+        if not pickles:
+            return [f"{where}: '{folder}' holds no weights; expected *.safetensors weights"]
+        if allow_pickle:
+            return []
+        one = len(pickles) == 1
+        what = "a pickle (loading it can run code)" if one else "pickles (loading them can run code)"
+        return [f"{where}: '{folder}' holds {', '.join(pickles)}, {what}; expected *.safetensors weights — "
+                f"convert {'it' if one else 'them'}, or pass --allow-pickle if you trust the file{'' if one else 's'}"]
+    config = skeleton.config
+    # A quantized checkpoint stores packed tensors of other shapes than the (unquantized) skeleton's.
+    compare = getattr(config, "quantization_config", None) is None
+    expected = {name: list(t.shape) for name, t in [*skeleton.named_parameters(remove_duplicate=False),
+                                                    *skeleton.named_buffers()]}
+    prefix = skeleton.base_model_prefix
+    errors = []
+    for file in files:
+        shapes = read_shapes(file)
+        if isinstance(shapes, str):
+            errors.append(f"{where}: {shapes}")
+            continue
+        # Only names both sides know: checkpoints may leave out tied weights or the base model's prefix.
+        wrong = [(key, shape, expected.get(key, expected.get(f"{prefix}.{key}"))) for key, shape in shapes.items()]
+        wrong = [(key, shape, want) for key, shape, want in wrong if compare and want is not None and shape != want]
+        if wrong:
+            key, shape, want = wrong[0]
+            text = config.get_text_config().to_dict()
+            hint = [f"{k} {v}" for k, v in text.items() if type(v) is int and v in set(want) - set(shape)][:2]
+            more = f"; {len(wrong) - 1} other tensors differ too" if len(wrong) > 1 else ""
+            errors.append(f"{where}: '{file}' has {key} {shape}; expected {want} from config.json"
+                          + (f" ({', '.join(hint)}?)" if hint else "") + more)
+    return errors
+
+
+def layer_width(skeleton: PreTrainedModel, path: str) -> int | None:
+    """Features of a module's output: block outputs have the hidden size, linear layers their out_features
+    (GPT-2's Conv1D: nf); None for other modules (known once activations exist)."""
+    if path.rpartition(".")[0] == find_blocks(skeleton)[0]:
+        return skeleton.config.get_text_config().hidden_size
+    module = skeleton.get_submodule(path)
+    return getattr(module, "out_features", getattr(module, "nf", None))
 
 
 def check_sae_files(spec: SourceSpec, where: str, skeleton: PreTrainedModel, paths: list[str],
@@ -103,7 +169,6 @@ def check_sae_files(spec: SourceSpec, where: str, skeleton: PreTrainedModel, pat
 
     errors = []
     kind = lambda activation, k: f"topk (k {k})" if activation == "topk" else activation
-    blocks, _ = find_blocks(skeleton)
     for j, (folder, path) in enumerate(zip(spec.sae_folders, paths)):
         at = f"{where}.sae" + (f".{j}" if isinstance(spec.sae, list) else "")
         if not Path(folder).is_dir():
@@ -114,11 +179,7 @@ def check_sae_files(spec: SourceSpec, where: str, skeleton: PreTrainedModel, pat
         except Exception as e:  # any reader failure becomes one line naming the folder
             errors.append(f"{at}: cannot import '{folder}': {_one_line(e)}")
             continue
-        # Block outputs have the hidden size, linear layers their out_features (GPT-2's Conv1D: nf); other
-        # modules are checked once activations exist.
-        module = skeleton.get_submodule(path)
-        width = (skeleton.config.get_text_config().hidden_size if path.rpartition(".")[0] == blocks
-                 else getattr(module, "out_features", getattr(module, "nf", None)))
+        width = layer_width(skeleton, path)
         if width is not None and cfg.d_in != width:
             errors.append(f"{at}: '{folder}' reads {cfg.d_in} features; expected {width}, the width of {path} "
                           f"in '{spec.model}'")
@@ -135,11 +196,27 @@ def _tokenizers_match(a, b) -> bool:
     return a.get_vocab() == b.get_vocab() and a(probe)["input_ids"] == b(probe)["input_ids"]
 
 
-def check_sources(recipe: Recipe) -> dict:
+def build_skeleton(spec: SourceSpec) -> PreTrainedModel:
+    """The source's architecture from its config, on the meta device: names and shapes, no weights."""
+    file = Path(spec.model) / (spec.gguf_file or "config.json")
+    version = file.stat().st_mtime_ns if file.is_file() else None  # an edited config.json is read again
+    return _skeleton(spec.model, spec.revision, spec.gguf_file, spec.trust_remote_code, version)
+
+
+@lru_cache(maxsize=8)
+def _skeleton(model: str, revision: str | None, gguf_file: str | None, trust_remote_code: bool, version: int | None):
+    # Reading the config of a GGUF file takes seconds (11 s for Gemma-3-270m): once per file and run.
+    kwargs = dict(revision=revision, trust_remote_code=trust_remote_code, gguf_file=gguf_file)
+    config = AutoConfig.from_pretrained(model, **{k: v for k, v in kwargs.items() if v is not None})
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def check_sources(recipe: Recipe, allow_pickle: bool = False) -> dict:
     """Check what needs the models' configs and tokenizers; return {name: module paths of its layers}.
 
-    Cheap: reads configs and tokenizers, and builds each architecture on the meta device (no weights).
-    Raises RecipeError with every problem found.
+    Cheap: reads configs, tokenizers and the headers of local weight files, and builds each architecture on the
+    meta device (no weights). Raises RecipeError with every problem found.
     """
     errors, paths, tokenizers = [], {}, {}
     for i, spec in enumerate(recipe.models):
@@ -152,13 +229,19 @@ def check_sources(recipe: Recipe) -> dict:
             errors.append(f"{where}.gguf_file: '{local / spec.gguf_file}' does not exist")
             continue
         try:
-            config = AutoConfig.from_pretrained(spec.model, **_load_kwargs(spec))
-            with torch.device("meta"):
-                skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
+            skeleton = build_skeleton(spec)
         except Exception as e:  # any loader failure becomes one line naming the source
             errors.append(f"{where}.model: cannot load '{spec.model}' as a causal LM: {_one_line(e)}")
             continue
-        if spec.adapter and (reason := check_adapter(spec, skeleton)):
+        if local.is_dir() and not spec.gguf_file:  # a Hub id's files are only seen when it is loaded
+            errors += check_weights(local, f"{where}.model", skeleton, allow_pickle)
+        text = skeleton.config.get_text_config()
+        positions = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+        for field, length in (("data.seq_len", recipe.data.seq_len), ("eval.max_length", recipe.eval.max_length)):
+            if positions and length and length > positions:  # longer inputs crash in the position embeddings
+                errors.append(f"{field}: {length} tokens; expected at most {positions}, the maximum positions of "
+                              f"{where} ('{spec.model}')")
+        if spec.adapter and (reason := check_adapter(spec, skeleton, allow_pickle)):
             errors.append(f"{where}.adapter: {reason}")
         try:
             paths[spec.name] = [resolve_layer(skeleton, layer) for layer in spec.layers]

@@ -12,13 +12,17 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import signal
+import threading
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .harvest import paired_activations
+from . import checkpoint as checkpoint_io
+from .data import token_batches
+from .harvest import activations
 from .interchange import import_sae
 from .recipe import Recipe, RecipeError
 from .sae import SAEConfig, SparseAutoencoder
@@ -134,82 +138,179 @@ def start_from_file(sae: SparseAutoencoder, folder: str, x: torch.Tensor) -> Non
     sae.b_dec.copy_(src.b_dec * ratio)
 
 
-def train_saes(recipe: Recipe, sources: dict, paths: dict[str, list[str]], tokenizer,
-               log_path: str | Path | None = None,
-               progress: bool = True) -> tuple[list[dict[str, SparseAutoencoder]], dict]:
-    """Train the aligned SAEs on the recipe's data: per site (position in the sources' layer lists), one SAE
-    per source sharing one latent space. Return them (site-major) and their final metrics."""
-    device = resolve_device(recipe.train.device)
-    torch.manual_seed(recipe.train.seed)
-    generator = torch.Generator().manual_seed(recipe.train.seed)
-    stream = paired_activations(recipe, sources, paths, tokenizer)
-    batch_size = max(1, recipe.train.batch_tokens // recipe.data.seq_len)
-    steps = max(1, math.ceil(recipe.data.tokens / (batch_size * recipe.data.seq_len)))
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM during training; the message says where the checkpoint is."""
 
-    # Enough first batches to give every latent its own sampled token when initialising from data.
-    first = [next(stream)]
-    while recipe.latent.init == "data" and _tokens(first[0]) * len(first) < recipe.latent.size:
-        first.append(next(stream))
-    rows = torch.randperm(_tokens(first[0]) * len(first), generator=generator)[: recipe.latent.size] \
-        if recipe.latent.init == "data" else None
 
+class TrainingDiverged(RecipeError):
+    """A non-finite loss: the run stops before anything non-finite is saved."""
+
+
+class StopRequests:
+    """SIGINT / SIGTERM while training: finish the current step, checkpoint, stop. A second signal stops at once."""
+
+    def __enter__(self):
+        self.signal, self.previous = None, {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def new_sae(recipe: Recipe, d_in: int) -> SparseAutoencoder:
+    lat = recipe.latent
+    return SparseAutoencoder(SAEConfig(d_in=d_in, d_sae=lat.size, k=lat.k, activation=lat.activation, bias=lat.bias))
+
+
+def init_saes(recipe: Recipe, names: list[str], first: list, rows, generator) -> list[dict[str, SparseAutoencoder]]:
+    """Fresh SAEs, one per site and source, initialised from the first batches (or started from files)."""
     saes = []
     for site in range(len(first[0])):
         saes.append({})
-        for name in sources:
+        for name in names:
             x = torch.cat([batch[site][name] for batch in first])
-            sae = SparseAutoencoder(SAEConfig(d_in=x.shape[-1], d_sae=recipe.latent.size, k=recipe.latent.k,
-                                              activation=recipe.latent.activation, bias=recipe.latent.bias))
+            sae = new_sae(recipe, x.shape[-1])
             if recipe.source(name).sae:
                 start_from_file(sae, recipe.source(name).sae_folders[site], x)
             else:
                 sae.init_random(generator)
                 sae.init_from_data(x, rows)
-            saes[site][name] = sae.to(device)
+            saes[site][name] = sae
+    return saes
+
+
+def train_saes(recipe: Recipe, sources: dict, paths: dict[str, list[str]], tokenizer,
+               log_path: str | Path | None = None, progress: bool = True, checkpoint: str | Path | None = None,
+               resume: bool = False) -> tuple[list[dict[str, SparseAutoencoder]], dict]:
+    """Train the aligned SAEs on the recipe's data: per site (position in the sources' layer lists), one SAE
+    per source sharing one latent space. Return them (site-major) and their final metrics.
+
+    With `checkpoint` (a folder), the state is saved every `train.checkpoint_every` steps, on SIGINT/SIGTERM
+    (then TrainingInterrupted is raised) and at the end; `resume` continues from it, and ends with the
+    weights an uninterrupted run would have. The training log is then `checkpoint/training_log.jsonl`."""
+    device = resolve_device(recipe.train.device)
+    torch.manual_seed(recipe.train.seed)
+    generator = torch.Generator().manual_seed(recipe.train.seed)
+    batch_size = max(1, recipe.train.batch_tokens // recipe.data.seq_len)
+    steps = max(1, math.ceil(recipe.data.tokens / (batch_size * recipe.data.seq_len)))
+    checkpoint = Path(checkpoint) if checkpoint else None
+    settings = checkpoint_io.training_settings(recipe)
+    if checkpoint and log_path is None:
+        log_path = checkpoint / "training_log.jsonl"
+    # Token batches, then activations: a resumed run skips the batches it has used by tokenizing alone.
+    token_iter = token_batches(recipe.data, tokenizer, batch_size, recipe.train.seed)
+    stream = (activations(sources, paths, ids) for ids in token_iter)
+
+    if resume:
+        state, tensors = checkpoint_io.load(checkpoint, settings)
+        start, n_first = state["step"], state["first_batches"]
+        n_sites = len(next(iter(paths.values())))
+        saes = [{n: new_sae(recipe, tensors[f"sae.{site}.{n}.W_enc"].shape[0]) for n in sources}
+                for site in range(n_sites)]  # weights, optimizer and random states: restored below
+        for _ in range(start):
+            next(token_iter)
+        batches = stream
+    else:
+        start = 0
+        # Enough first batches to give every latent its own sampled token when initialising from data.
+        first = [next(stream)]
+        while recipe.latent.init == "data" and _tokens(first[0]) * len(first) < recipe.latent.size:
+            first.append(next(stream))
+        n_first = len(first)
+        rows = torch.randperm(_tokens(first[0]) * len(first), generator=generator)[: recipe.latent.size] \
+            if recipe.latent.init == "data" else None
+        saes = init_saes(recipe, list(sources), first, rows, generator)
+        batches = itertools.chain(first, stream)
+    saes = [{n: group[n].to(device) for n in sources} for group in saes]
     every_sae = [sae for site in saes for sae in site.values()]
     optimizer = torch.optim.Adam([p for sae in every_sae for p in sae.parameters()], lr=recipe.train.lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)))
-
-    log = open(log_path, "w") if log_path else None
-    bar = tqdm(range(steps), desc="training SAEs", disable=not progress, unit="step")
-    batches = itertools.chain(first, stream)
     fired = [torch.zeros(recipe.latent.size, dtype=torch.bool, device=device) for _ in saes]
     resampled = 0
-    for step in bar:
-        batch = [{n: x.to(device) for n, x in acts.items()} for acts in next(batches)]
-        every = recipe.train.resample_every
-        if every and step % every == 0 and 0 < step < 0.8 * steps:  # leave the last fifth to settle
-            for site, acts in enumerate(batch):
-                resampled += resample_dead(saes[site], acts, ~fired[site], optimizer, generator)
-                fired[site].zero_()
-        site_parts = [losses(recipe, saes[site], acts, fired[site]) for site, acts in enumerate(batch)]
-        parts = {key: sum(p[key] for p in site_parts) for key in site_parts[0]}
-        optimizer.zero_grad(set_to_none=True)
-        parts["total"].backward()
-        for sae in every_sae:
-            sae.remove_parallel_grads()
-        optimizer.step()
-        schedule.step()
-        for sae in every_sae:
-            sae.normalize_decoder()
-        if step % recipe.train.log_every == 0 or step == steps - 1:
-            row = {"step": step, "tokens": (step + 1) * batch_size * recipe.data.seq_len,
-                   **{k: v.item() for k, v in parts.items()}}
-            bar.set_postfix(fvu=f"{row['recon'] / len(every_sae):.3f}", align=f"{row['align']:.3f}")
-            if log:
-                log.write(json.dumps(row) + "\n")
-                log.flush()
+    if resume:
+        checkpoint_io.restore(state, tensors, saes, optimizer, schedule, generator, fired, recipe.train.lr)
+        resampled = state["resampled_latents"]
+        if state.get("metrics"):  # training had finished: nothing left to do
+            return _finish(saes), state["metrics"]
+
+    def save_checkpoint(step_done: int, **extra) -> None:
+        if checkpoint:
+            checkpoint_io.save(checkpoint, step_done, saes, optimizer, schedule, generator, fired, settings,
+                               first_batches=n_first, resampled_latents=resampled, **extra)
+
+    if log_path:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        kept = [line for line in Path(log_path).read_text().splitlines()
+                if json.loads(line)["step"] < start] if resume and Path(log_path).is_file() else []
+        Path(log_path).write_text("".join(line + "\n" for line in kept))
+    log = open(log_path, "a") if log_path else None
+    bar = tqdm(range(start, steps), desc="training SAEs", disable=not progress, unit="step", initial=start, total=steps)
+    last_saved = start if resume else None
+    with StopRequests() as stop:
+        for step in bar:
+            batch = [{n: x.to(device) for n, x in acts.items()} for acts in next(batches)]
+            every = recipe.train.resample_every
+            if every and step % every == 0 and 0 < step < 0.8 * steps:  # leave the last fifth to settle
+                for site, acts in enumerate(batch):
+                    resampled += resample_dead(saes[site], acts, ~fired[site], optimizer, generator)
+                    fired[site].zero_()
+            site_parts = [losses(recipe, saes[site], acts, fired[site]) for site, acts in enumerate(batch)]
+            parts = {key: sum(p[key] for p in site_parts) for key in site_parts[0]}
+            if not torch.isfinite(parts["total"]):
+                then = (f"continue from the last good checkpoint, '{checkpoint}' (after step {last_saved}), with "
+                        "--resume (train.lr may change on resume)" if last_saved is not None else "run again")
+                raise TrainingDiverged(f"train: the loss became {parts['total'].item()} at step {step}; stopped "
+                                       f"before saving anything non-finite. Expected a finite loss: lower train.lr "
+                                       f"and {then}")
+            optimizer.zero_grad(set_to_none=True)
+            parts["total"].backward()
+            for sae in every_sae:
+                sae.remove_parallel_grads()
+            optimizer.step()
+            schedule.step()
+            for sae in every_sae:
+                sae.normalize_decoder()
+            if step % recipe.train.log_every == 0 or step == steps - 1:
+                row = {"step": step, "tokens": (step + 1) * batch_size * recipe.data.seq_len,
+                       **{k: v.item() for k, v in parts.items()}}
+                bar.set_postfix(fvu=f"{row['recon'] / len(every_sae):.3f}", align=f"{row['align']:.3f}")
+                if log:
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+            every = recipe.train.checkpoint_every
+            if stop.signal or (every and (step + 1) % every == 0 and step + 1 < steps):
+                save_checkpoint(step + 1)
+                last_saved = step + 1
+            if stop.signal:
+                raise TrainingInterrupted(f"{stop.signal} at step {step + 1} of {steps}; checkpoint in '{checkpoint}'"
+                                          if checkpoint else f"{stop.signal} at step {step + 1} of {steps}")
     if log:
         log.close()
 
+    for _ in range(n_first - steps):  # batches read for initialisation but never trained on
+        next(stream)
     held_back = []
     while sum(_tokens(b) for b in held_back) < recipe.train.eval_tokens:
         held_back.append([{n: x.to(device) for n, x in acts.items()} for acts in next(stream)])
     metrics = {"sites": [{"layers": {n: paths[n][site] for n in sources},
                           **measure(saes[site], [b[site] for b in held_back])} for site in range(len(saes))],
                "steps": steps, "train_tokens": steps * batch_size * recipe.data.seq_len, "resampled_latents": resampled}
+    save_checkpoint(steps, metrics=metrics)  # a run stopped later (calibration, saving) resumes from here
+    return _finish(saes), metrics
+
+
+def _finish(saes: list[dict[str, SparseAutoencoder]]) -> list[dict[str, SparseAutoencoder]]:
     for site in saes:
         for sae in site.values():
             sae.eval()
-    return saes, metrics
+    return saes

@@ -92,7 +92,8 @@ def test_sources_that_cannot_load_get_one_line_each(zoo, lora, gguf_source, toke
         raw,
         "models.0.adapter: 'model.layers.0.mlp.down_proj' has 96 features in the adapter and 64 in",
         "models.1.adapter: adapts 'model.layers.0.mlp.down_proj', which",
-        "models.2.adapter: '" + str(pickled) + "' holds ['adapter_model.bin'] (a pickle); expected adapter_config.json",
+        "models.2.adapter: '" + str(pickled) + "' holds adapter_model.bin, a pickle (loading it can run code); "
+        "expected adapter_model.safetensors — convert it, or pass --allow-pickle if you trust the file",
         f"models.3.adapter: folder '{tmp_path / 'none'}' does not exist",
         f"models.4.gguf_file: '{root / 'missing.gguf'}' does not exist",
         "models.5.model: cannot load",
