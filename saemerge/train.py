@@ -216,8 +216,6 @@ def train_saes(recipe: Recipe, sources: dict, paths: dict[str, list[str]], token
         n_sites = len(next(iter(paths.values())))
         saes = [{n: new_sae(recipe, tensors[f"sae.{site}.{n}.W_enc"].shape[0]) for n in sources}
                 for site in range(n_sites)]  # weights, optimizer and random states: restored below
-        for _ in range(start):
-            next(token_iter)
         batches = stream
     else:
         start = 0
@@ -242,6 +240,8 @@ def train_saes(recipe: Recipe, sources: dict, paths: dict[str, list[str]], token
         resampled = state["resampled_latents"]
         if state.get("metrics"):  # training had finished: nothing left to do
             return _finish(saes), state["metrics"]
+        for _ in range(start):
+            next(token_iter)
 
     def save_checkpoint(step_done: int, **extra) -> None:
         if checkpoint:
