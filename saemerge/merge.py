@@ -19,7 +19,7 @@ from .modeling import DTYPES
 from .files import move_into_place, write_atomic
 from .recipe import Recipe, RecipeError, recipe_yaml
 from .report import plot_training, write_report
-from .sources import (_one_line, build_skeleton, check_sources, layer_width, load_source, load_tokenizer,
+from .sources import (one_line, build_skeleton, check_sources, layer_width, load_source, load_tokenizer,
                       resolve_device)
 from .train import train_saes
 
@@ -172,7 +172,7 @@ def merge(recipe: Recipe, output: str | Path | None = None, overwrite: bool = Fa
             try:
                 sources[spec.name] = load_source(spec, device, allow_pickle)
             except Exception as e:  # e.g. a Hub repo with pickles only, which validate cannot see: one line each
-                errors.append(f"models.{i}: cannot load '{spec.model}': {_one_line(e)}")
+                errors.append(f"models.{i}: cannot load '{spec.model}': {one_line(e)}")
         if errors:
             raise RecipeError(errors)
 

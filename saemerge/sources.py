@@ -26,7 +26,7 @@ def resolve_device(setting: str) -> torch.device:
     return device
 
 
-def _one_line(e: Exception) -> str:
+def one_line(e: Exception) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
 
@@ -75,7 +75,7 @@ def check_adapter(spec: SourceSpec, skeleton: PreTrainedModel, allow_pickle: boo
     try:
         config = PeftConfig.from_pretrained(folder)
     except Exception as e:
-        return f"unreadable adapter_config.json: {_one_line(e)}"
+        return f"unreadable adapter_config.json: {one_line(e)}"
     if config.peft_type != "LORA":
         return f"is a {config.peft_type} adapter; expected LoRA"
     if not weights.is_file():
@@ -107,7 +107,7 @@ def read_shapes(file: Path) -> dict[str, list[int]] | str:
         with safe_open(file, "pt") as f:
             return {key: list(f.get_slice(key).get_shape()) for key in f.keys()}
     except Exception as e:  # truncated, not safetensors at all, unreadable
-        return f"'{file}' is not a readable safetensors file: {_one_line(e)}"
+        return f"'{file}' is not a readable safetensors file: {one_line(e)}"
 
 
 PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt")
@@ -177,7 +177,7 @@ def check_sae_files(spec: SourceSpec, where: str, skeleton: PreTrainedModel, pat
         try:
             cfg = import_sae(folder).cfg
         except Exception as e:  # any reader failure becomes one line naming the folder
-            errors.append(f"{at}: cannot import '{folder}': {_one_line(e)}")
+            errors.append(f"{at}: cannot import '{folder}': {one_line(e)}")
             continue
         width = layer_width(skeleton, path)
         if width is not None and cfg.d_in != width:
@@ -231,7 +231,7 @@ def check_sources(recipe: Recipe, allow_pickle: bool = False) -> dict:
         try:
             skeleton = build_skeleton(spec)
         except Exception as e:  # any loader failure becomes one line naming the source
-            errors.append(f"{where}.model: cannot load '{spec.model}' as a causal LM: {_one_line(e)}")
+            errors.append(f"{where}.model: cannot load '{spec.model}' as a causal LM: {one_line(e)}")
             continue
         if local.is_dir() and not spec.gguf_file:  # a Hub id's files are only seen when it is loaded
             errors += check_weights(local, f"{where}.model", skeleton, allow_pickle)
@@ -252,7 +252,7 @@ def check_sources(recipe: Recipe, allow_pickle: bool = False) -> dict:
         try:
             tokenizers[spec.name] = load_tokenizer(spec)
         except Exception as e:
-            errors.append(f"{where}.model: cannot load the tokenizer of '{spec.model}': {_one_line(e)}")
+            errors.append(f"{where}.model: cannot load the tokenizer of '{spec.model}': {one_line(e)}")
     names = list(tokenizers)
     for name in names[1:]:
         if not _tokenizers_match(tokenizers[names[0]], tokenizers[name]):
