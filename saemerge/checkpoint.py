@@ -25,6 +25,7 @@ def training_settings(recipe: Recipe) -> dict:
     settings = recipe.model_dump(mode="json", include={"models", "latent", "data", "train"})
     for key in ("lr", "checkpoint_every", "log_every", "device"):
         settings["train"].pop(key)
+    settings["data"].pop("cache")  # where activations are cached does not change them
     return settings
 
 

@@ -42,6 +42,8 @@ def cmd_merge(args) -> int:
     start = time.perf_counter()
     output = merge(recipe, output=args.output, overwrite=args.overwrite, progress=not args.quiet,
                    evaluate_after=not args.no_eval, resume=args.resume, allow_pickle=args.allow_pickle)
+    if output is None:  # a helper process of a multi-process run: the first one reports
+        return 0
     print((output / "report.md").read_text())
     print(f"merged model written to {output} in {time.perf_counter() - start:.0f}s")
     return 0

@@ -1,10 +1,16 @@
-"""Paired activations: every source reads the same tokens; each runs only up to its own (last) layer."""
+"""Paired activations, produced on the fly: every source reads the same tokens and runs only up to its own
+(last) layer; nothing but a bounded buffer of them is ever in memory."""
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 
+from .activation_cache import ActivationCache, cache_key
+from .data import token_batches
 from .hooks import run_to_layers
+from .recipe import Recipe
 
 
 @torch.no_grad()
@@ -19,3 +25,52 @@ def activations(sources: dict, paths: dict[str, list[str]], input_ids: torch.Ten
         for site, hidden in zip(sites, run_to_layers(model, paths[name], input_ids.to(model.device))):
             site[name] = hidden[:, 1:].reshape(-1, hidden.shape[-1]).float()
     return sites
+
+
+def shuffled(batches: list[list[dict[str, torch.Tensor]]], seed: int) -> list[list[dict[str, torch.Tensor]]]:
+    """The same tokens, pooled across `batches` and dealt back into batches of the same size in a random order
+    (one permutation for every site and source: a token's activations stay paired)."""
+    sites = [{name: torch.cat([b[site][name] for b in batches]) for name in at_site}
+             for site, at_site in enumerate(batches[0])]
+    order = torch.randperm(len(next(iter(sites[0].values()))), generator=torch.Generator().manual_seed(seed))
+    size = len(next(iter(batches[0][0].values())))
+    return [[{name: x[order[i:i + size]] for name, x in at_site.items()} for at_site in sites]
+            for i in range(0, len(order), size)]
+
+
+def activation_batches(recipe: Recipe, sources: dict, paths: dict[str, list[str]], tokenizer, batch_size: int,
+                       start: int = 0, rank: int = 0, world: int = 1) -> Iterator[list[dict[str, torch.Tensor]]]:
+    """Endless training batches (per site, {source: [tokens, d]}), from batch `start` on.
+
+    Token batches of `batch_size` sequences per process (process `rank` of `world` harvests its contiguous
+    slice of each global batch) are harvested `train.shuffle_batches` at a time, pooled, shuffled token-wise and
+    dealt out again, so consecutive steps do not see the same documents and memory holds one such block
+    whatever the token budget. Batches before `start` are skipped by tokenizing alone (exact resume); with
+    `data.cache` harvested batches are read from and written to safetensors files.
+    """
+    block = recipe.train.shuffle_batches
+    tokens = token_batches(recipe.data, tokenizer, batch_size * world, recipe.train.seed)
+    cache = ActivationCache(recipe.data.cache, cache_key(recipe, paths, batch_size, rank, world)) \
+        if recipe.data.cache else None
+    read = 0  # token batches taken from `tokens` so far: a cached batch is not tokenized
+
+    def harvest(index: int) -> list[dict[str, torch.Tensor]]:
+        nonlocal read
+        cached = cache.load(index) if cache else None
+        if cached is not None:
+            return cached
+        for _ in range(index - read):
+            next(tokens)
+        ids = next(tokens)[rank * batch_size:(rank + 1) * batch_size]
+        read = index + 1
+        acts = activations(sources, paths, ids)
+        if cache:
+            cache.save(index, acts)
+        return acts
+
+    first_block = start // block
+    for b in range(first_block, 2**62):
+        batches = [harvest(i) for i in range(b * block, (b + 1) * block)]
+        if block > 1:
+            batches = shuffled(batches, recipe.train.seed * 1_000_003 + b)
+        yield from batches[start - b * block if b == first_block else 0:]

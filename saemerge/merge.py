@@ -9,6 +9,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from . import distributed
 from .build import build_merged
 from .calibrate import calibrate
 from .checkpoint import STATE
@@ -57,6 +58,17 @@ def validate(recipe: Recipe, output: str | Path | None = None, overwrite: bool =
         resolve_device(recipe.train.device)
     except RecipeError as e:
         errors += e.lines
+    if recipe.data.cache:
+        cache = Path(recipe.data.cache)
+        if cache.exists() and not cache.is_dir():
+            errors.append(f"data.cache: '{cache}' is a file; expected a folder")
+        elif cache.resolve().is_relative_to(output.resolve()):
+            errors.append(f"data.cache: '{cache}' is inside the output folder, which a merge replaces whole; "
+                          "expected a folder elsewhere")
+    sequences = max(1, recipe.train.batch_tokens // recipe.data.seq_len)
+    if sequences % distributed.world():
+        errors.append(f"train.batch_tokens: {sequences} sequences per step cannot be shared by {distributed.world()} "
+                      f"processes; expected a multiple of {distributed.world() * recipe.data.seq_len} tokens")
     if recipe.eval.include_path and not Path(recipe.eval.include_path).is_dir():
         errors.append(f"eval.include_path: folder '{recipe.eval.include_path}' does not exist")
     if errors:
@@ -160,13 +172,17 @@ def checkpoint_folder(output: Path) -> Path:
 def merge(recipe: Recipe, output: str | Path | None = None, overwrite: bool = False, progress: bool = True,
           evaluate_after: bool = True, resume: bool = False, allow_pickle: bool = False) -> Path:
     """Run a whole recipe; return the folder of the merged model. `resume` continues the training of an
-    interrupted run from its checkpoint (beside the output folder), which is removed once the output is saved."""
+    interrupted run from its checkpoint (beside the output folder), which is removed once the output is saved.
+
+    Started by a launcher with several processes (see distributed.py), all of them train; the first then goes on
+    alone (calibration, saving, evaluation) and the others return None."""
+    distributed.init()
     output = Path(output or recipe.output)
     timings = {}
     with timed(timings, "load"):
         paths = validate(recipe, output, overwrite, resume, allow_pickle=allow_pickle)
         tokenizer = load_tokenizer(recipe.models[0])
-        device = resolve_device(recipe.train.device)
+        device = distributed.device(resolve_device(recipe.train.device))
         sources, errors = {}, []
         for i, spec in enumerate(recipe.models):
             try:
@@ -177,16 +193,18 @@ def merge(recipe: Recipe, output: str | Path | None = None, overwrite: bool = Fa
             raise RecipeError(errors)
 
     checkpoint = checkpoint_folder(output)
-    if not resume:
+    if not resume and distributed.is_main():
         shutil.rmtree(checkpoint, ignore_errors=True)  # validate allowed it: --overwrite
     try:
         with timed(timings, "train"):
             saes, metrics = train_saes(recipe, sources, paths, tokenizer, progress=progress, checkpoint=checkpoint,
                                        resume=resume)
     except BaseException:
-        if not (checkpoint / STATE).is_file():  # stopped before its first checkpoint: nothing worth keeping
+        if distributed.is_main() and not (checkpoint / STATE).is_file():  # nothing worth keeping
             shutil.rmtree(checkpoint, ignore_errors=True)
         raise
+    if not distributed.is_main():
+        return None
     model = build_merged(recipe, sources, saes, paths)
     with timed(timings, "calibrate"):
         calibration = calibrate(model, recipe, tokenizer, progress=progress)

@@ -79,10 +79,12 @@ class DataSpec(Strict):
     seq_len: int = Field(128, ge=2, description="Tokens per sequence fed to the sources.")
     tokens: int = Field(2_000_000, gt=0, description="Training token budget.")
     shuffle_buffer: int = Field(1000, ge=1, description="Documents held in the streaming shuffle buffer.")
+    cache: str | None = Field(None, description="Folder for harvested activations (safetensors, one file per batch), reused by later runs with the same sources, layers and data instead of running the sources again.")
 
 
 class TrainSpec(Strict):
-    batch_tokens: int = Field(4096, gt=0, description="Tokens per optimisation step.")
+    batch_tokens: int = Field(4096, gt=0, description="Tokens per optimisation step (across all processes).")
+    shuffle_batches: int = Field(8, ge=1, description="Batches of activations pooled and shuffled token-wise before training on them (1: none); memory holds this many.")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate (cosine decay to 10%).")
     # datasets takes seeds below 2^32, and calibration uses seed + 1 and seed + 2.
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for initialisation and data order (0 .. 2^31 - 1).")

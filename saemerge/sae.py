@@ -12,8 +12,42 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+
+class TopKEncode(torch.autograd.Function):
+    """values, indices = topk(x @ W + b, k), values relu'd; the backward touches only the k chosen latents.
+
+    Autograd through a dense topk would backpropagate an [N, d_sae] gradient through the encoder matmul; this
+    scatters the [N, k] gradient instead (sparse matrix product), which makes a TopK step several times faster.
+    """
+
+    @staticmethod
+    def forward(ctx, x, W, b, k: int):
+        values, indices = torch.addmm(b, x, W).topk(k, dim=-1, sorted=False)
+        values = values.relu()
+        ctx.save_for_backward(x, W, indices, values)
+        return values, indices
+
+    @staticmethod
+    def backward(ctx, grad_values, grad_indices):
+        x, W, indices, values = ctx.saved_tensors
+        grad_values = grad_values * (values > 0)
+        n, k = indices.shape
+        grad_x = grad_W = grad_b = None
+        if ctx.needs_input_grad[0]:  # sum over the k latents of grad * W[:, latent]
+            grad_x = F.embedding_bag(indices, W.T, per_sample_weights=grad_values.to(W.dtype), mode="sum")
+        if ctx.needs_input_grad[1]:  # W.grad[:, j] = sum over tokens choosing j of grad * x
+            rows = torch.arange(n, device=x.device).repeat_interleave(k)
+            chosen = torch.sparse_coo_tensor(torch.stack([indices.flatten(), rows]), grad_values.flatten().to(x.dtype),
+                                             (W.shape[1], n), check_invariants=False)
+            grad_W = torch.sparse.mm(chosen, x).T
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.zeros(W.shape[1], dtype=W.dtype, device=W.device).index_add_(
+                0, indices.flatten(), grad_values.flatten().to(W.dtype))
+        return grad_x, grad_W, grad_b, None
 
 
 @dataclass
@@ -93,15 +127,30 @@ class SparseAutoencoder(nn.Module):
         return (x - self.b_dec) @ self.W_enc + self.b_enc
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        pre = self.pre_acts(x)
+        """Dense codes [..., d_sae]."""
         if self.cfg.activation == "topk":
-            values, indices = pre.topk(self.cfg.k, dim=-1, sorted=False)
-            return torch.zeros_like(pre).scatter_(-1, indices, values.relu())
-        return pre.relu()
+            values, indices = self.encode_topk(x)
+            return values.new_zeros(*values.shape[:-1], self.cfg.d_sae).scatter_(-1, indices, values)
+        return self.pre_acts(x).relu()
+
+    def encode_topk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """TopK codes as (values, indices), each [..., k]; what training uses (see TopKEncode)."""
+        x = (x.to(self.W_enc.dtype) / self.act_scale - self.b_dec)
+        values, indices = TopKEncode.apply(x.reshape(-1, x.shape[-1]), self.W_enc, self.b_enc, self.cfg.k)
+        return values.reshape(*x.shape[:-1], -1), indices.reshape(*x.shape[:-1], -1)
 
     def decode(self, z: torch.Tensor, bias: bool = True) -> torch.Tensor:
         """Back to the residual stream; `bias=False` leaves out the decoder bias (the data mean)."""
         out = z @ self.W_dec
+        if bias:
+            out = out + self.b_dec
+        return out * self.act_scale
+
+    def decode_topk(self, values: torch.Tensor, indices: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        """`decode` of sparse codes: a weighted sum of k decoder rows per token, never an [N, d_sae] product."""
+        out = F.embedding_bag(indices.reshape(-1, indices.shape[-1]), self.W_dec, mode="sum",
+                              per_sample_weights=values.reshape(-1, values.shape[-1]).to(self.W_dec.dtype))
+        out = out.reshape(*values.shape[:-1], -1)
         if bias:
             out = out + self.b_dec
         return out * self.act_scale

@@ -21,41 +21,79 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import checkpoint as checkpoint_io
-from .data import token_batches
-from .harvest import activations
+from . import distributed
+from .harvest import activation_batches
 from .interchange import import_sae
 from .recipe import Recipe, RecipeError
 from .sae import SAEConfig, SparseAutoencoder
 from .sources import resolve_device
 
 
-def fvu(x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
-    return (x - recon).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+def fvu(x: torch.Tensor, recon: torch.Tensor, variance: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared error over the variance of x; with `variance` given (the global batch's), this process's share."""
+    variance = (x - x.mean(0)).pow(2).sum() if variance is None else variance
+    return (x - recon).pow(2).sum() / variance.clamp_min(1e-12)
+
+
+def total_variance(x: torch.Tensor) -> torch.Tensor:
+    """sum |x - mean|^2 over the global batch (all processes' tokens), from each process's count, mean and sum."""
+    local = (x - x.mean(0)).pow(2).sum()
+    if distributed.world() == 1:
+        return local
+    n = torch.tensor(float(len(x)), device=x.device)
+    mean = distributed.all_sum(x.sum(0)) / distributed.all_sum(n)
+    return distributed.all_sum(local + n * (x.mean(0) - mean).pow(2).sum())
 
 
 def pairs(names: list[str]):
     return list(itertools.combinations(names, 2))
 
 
+# Codes in training: TopK as (values, indices) [tokens, k] (sparse products, see sae.TopKEncode), ReLU dense.
+def encode(sae: SparseAutoencoder, x: torch.Tensor):
+    return sae.encode_topk(x) if sae.cfg.activation == "topk" else sae.encode(x)
+
+
+def decode(sae: SparseAutoencoder, code) -> torch.Tensor:
+    return sae.decode_topk(*code) if isinstance(code, tuple) else sae.decode(code)
+
+
+def cosine(a, b, eps: float = 1e-8) -> torch.Tensor:
+    """Per-token cosine of two codes."""
+    if not isinstance(a, tuple):
+        return F.cosine_similarity(a, b, dim=-1, eps=eps)
+    (va, ia), (vb, ib) = a, b
+    dot = (va[:, :, None] * vb[:, None, :] * (ia[:, :, None] == ib[:, None, :])).sum((1, 2))
+    return dot / (va.norm(dim=-1).clamp_min(eps) * vb.norm(dim=-1).clamp_min(eps))
+
+
 def losses(recipe: Recipe, saes: dict[str, SparseAutoencoder], acts: dict[str, torch.Tensor],
            fired: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """The loss terms for one site; `fired` (a [d_sae] bool) is or-ed with the latents active in any source."""
+    """The loss terms for one site; `fired` (a [d_sae] bool) is or-ed with the latents active in any source.
+    With several processes, each returns its share: sums over its tokens divided by the global token count
+    and variances, so the shares' gradients add up to the gradient of the global batch's loss."""
     lat = recipe.latent
-    codes = {name: saes[name].encode(x) for name, x in acts.items()}
+    codes = {name: encode(saes[name], x) for name, x in acts.items()}
     if fired is not None:
         for z in codes.values():
-            fired |= (z > 0).any(0)
+            if isinstance(z, tuple):
+                fired[z[1][z[0] > 0]] = True
+            else:
+                fired |= (z > 0).any(0)
+    variance = {name: total_variance(x) for name, x in acts.items()}
+    first = next(iter(acts.values()))
+    tokens = distributed.all_sum(torch.tensor(float(len(first)), device=first.device))
     parts = {key: torch.zeros(()) for key in ("recon", "sparsity", "align", "cross")}
     for name, x in acts.items():
-        z = codes[name]
-        parts["recon"] = parts["recon"] + fvu(x, saes[name].decode(z))
-        parts["sparsity"] = parts["sparsity"] + lat.l1 * z.abs().sum(-1).mean() + lat.l2 * z.pow(2).sum(-1).mean()
+        z = codes[name][0] if isinstance(codes[name], tuple) else codes[name]
+        parts["recon"] = parts["recon"] + fvu(x, decode(saes[name], codes[name]), variance[name])
+        parts["sparsity"] = parts["sparsity"] + (lat.l1 * z.abs().sum() + lat.l2 * z.pow(2).sum()) / tokens
     names = list(acts)
     if lat.align > 0:
-        parts["align"] = torch.stack([(1 - F.cosine_similarity(codes[a], codes[b], dim=-1, eps=1e-8)).mean()
+        parts["align"] = torch.stack([(1 - cosine(codes[a], codes[b])).sum() / tokens
                                       for a, b in pairs(names)]).mean()
     if lat.cross > 0:
-        parts["cross"] = torch.stack([fvu(acts[b], saes[b].decode(codes[a]))
+        parts["cross"] = torch.stack([fvu(acts[b], decode(saes[b], codes[a]), variance[b])
                                       for a, b in itertools.permutations(names, 2)]).mean()
     parts["total"] = parts["recon"] + parts["sparsity"] + lat.align * parts["align"] + lat.cross * parts["cross"]
     return parts
@@ -196,8 +234,11 @@ def train_saes(recipe: Recipe, sources: dict, paths: dict[str, list[str]], token
 
     With `checkpoint` (a folder), the state is saved every `train.checkpoint_every` steps, on SIGINT/SIGTERM
     (then TrainingInterrupted is raised) and at the end; `resume` continues from it, and ends with the
-    weights an uninterrupted run would have. The training log is then `checkpoint/training_log.jsonl`."""
-    device = resolve_device(recipe.train.device)
+    weights an uninterrupted run would have. The training log is then `checkpoint/training_log.jsonl`.
+    With several processes (distributed.py) each trains on its share of every batch; only the first writes
+    checkpoints and logs and measures the final metrics (the others return empty metrics)."""
+    device = distributed.device(resolve_device(recipe.train.device))
+    main = distributed.is_main()
     torch.manual_seed(recipe.train.seed)
     generator = torch.Generator().manual_seed(recipe.train.seed)
     batch_size = max(1, recipe.train.batch_tokens // recipe.data.seq_len)
@@ -206,31 +247,37 @@ def train_saes(recipe: Recipe, sources: dict, paths: dict[str, list[str]], token
     settings = checkpoint_io.training_settings(recipe)
     if checkpoint and log_path is None:
         log_path = checkpoint / "training_log.jsonl"
-    # Token batches, then activations: a resumed run skips the batches it has used by tokenizing alone.
-    token_iter = token_batches(recipe.data, tokenizer, batch_size, recipe.train.seed)
-    stream = (activations(sources, paths, ids) for ids in token_iter)
+    if not main:
+        log_path = None
+
+    def stream(start: int):
+        return activation_batches(recipe, sources, paths, tokenizer, batch_size // distributed.world(), start,
+                                  distributed.rank(), distributed.world())
 
     if resume:
         state, tensors = checkpoint_io.load(checkpoint, settings)
-        start, n_first = state["step"], state["first_batches"]
+        start = state["step"]
         n_sites = len(next(iter(paths.values())))
         saes = [{n: new_sae(recipe, tensors[f"sae.{site}.{n}.W_enc"].shape[0]) for n in sources}
                 for site in range(n_sites)]  # weights, optimizer and random states: restored below
-        batches = stream
+        batches = stream(start)
     else:
         start = 0
-        # Enough first batches to give every latent its own sampled token when initialising from data.
-        first = [next(stream)]
-        while recipe.latent.init == "data" and _tokens(first[0]) * len(first) < recipe.latent.size:
-            first.append(next(stream))
-        n_first = len(first)
-        rows = torch.randperm(_tokens(first[0]) * len(first), generator=generator)[: recipe.latent.size] \
+        batches = stream(0)
+        # Enough first batches (of every process) to give every latent its own token when initialising from data.
+        first = [next(batches)]
+        while recipe.latent.init == "data" and _tokens(first[0]) * distributed.world() * len(first) < recipe.latent.size:
+            first.append(next(batches))
+        everyone = [[{n: distributed.gather_rows(x) for n, x in site.items()} for site in b] for b in first]
+        rows = torch.randperm(_tokens(everyone[0]) * len(everyone), generator=generator)[: recipe.latent.size] \
             if recipe.latent.init == "data" else None
-        saes = init_saes(recipe, list(sources), first, rows, generator)
-        batches = itertools.chain(first, stream)
+        saes = init_saes(recipe, list(sources), everyone, rows, generator)
+        batches = itertools.chain(first, batches)
     saes = [{n: group[n].to(device) for n in sources} for group in saes]
     every_sae = [sae for site in saes for sae in site.values()]
-    optimizer = torch.optim.Adam([p for sae in every_sae for p in sae.parameters()], lr=recipe.train.lr)
+    params = [p for sae in every_sae for p in sae.parameters()]
+    distributed.broadcast(params + [sae.act_scale for sae in every_sae])  # identical replicas
+    optimizer = torch.optim.Adam(params, lr=recipe.train.lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)))
     fired = [torch.zeros(recipe.latent.size, dtype=torch.bool, device=device) for _ in saes]
@@ -240,13 +287,11 @@ def train_saes(recipe: Recipe, sources: dict, paths: dict[str, list[str]], token
         resampled = state["resampled_latents"]
         if state.get("metrics"):  # training had finished: nothing left to do
             return _finish(saes), state["metrics"]
-        for _ in range(start):
-            next(token_iter)
 
     def save_checkpoint(step_done: int, **extra) -> None:
-        if checkpoint:
+        if checkpoint and main:
             checkpoint_io.save(checkpoint, step_done, saes, optimizer, schedule, generator, fired, settings,
-                               first_batches=n_first, resampled_latents=resampled, **extra)
+                               resampled_latents=resampled, **extra)
 
     if log_path:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
@@ -254,26 +299,31 @@ def train_saes(recipe: Recipe, sources: dict, paths: dict[str, list[str]], token
                 if json.loads(line)["step"] < start] if resume and Path(log_path).is_file() else []
         Path(log_path).write_text("".join(line + "\n" for line in kept))
     log = open(log_path, "a") if log_path else None
-    bar = tqdm(range(start, steps), desc="training SAEs", disable=not progress, unit="step", initial=start, total=steps)
+    bar = tqdm(range(start, steps), desc="training SAEs", disable=not (progress and main), unit="step",
+               initial=start, total=steps)
     last_saved = start if resume else None
     with StopRequests() as stop:
         for step in bar:
             batch = [{n: x.to(device) for n, x in acts.items()} for acts in next(batches)]
             every = recipe.train.resample_every
             if every and step % every == 0 and 0 < step < 0.8 * steps:  # leave the last fifth to settle
-                for site, acts in enumerate(batch):
-                    resampled += resample_dead(saes[site], acts, ~fired[site], optimizer, generator)
+                for site, acts in enumerate(batch):  # on the whole batch, identically in every process
+                    distributed.or_masks(fired[site])
+                    everyone = {n: distributed.gather_rows(x) for n, x in acts.items()}
+                    resampled += resample_dead(saes[site], everyone, ~fired[site], optimizer, generator)
                     fired[site].zero_()
             site_parts = [losses(recipe, saes[site], acts, fired[site]) for site, acts in enumerate(batch)]
             parts = {key: sum(p[key] for p in site_parts) for key in site_parts[0]}
-            if not torch.isfinite(parts["total"]):
+            total = distributed.all_sum(parts["total"].detach())
+            if not torch.isfinite(total):
                 then = (f"continue from the last good checkpoint, '{checkpoint}' (after step {last_saved}), with "
                         "--resume (train.lr may change on resume)" if last_saved is not None else "run again")
-                raise TrainingDiverged(f"train: the loss became {parts['total'].item()} at step {step}; stopped "
+                raise TrainingDiverged(f"train: the loss became {total.item()} at step {step}; stopped "
                                        f"before saving anything non-finite. Expected a finite loss: lower train.lr "
                                        f"and {then}")
             optimizer.zero_grad(set_to_none=True)
             parts["total"].backward()
+            distributed.sum_gradients(params)
             for sae in every_sae:
                 sae.remove_parallel_grads()
             optimizer.step()
@@ -282,26 +332,34 @@ def train_saes(recipe: Recipe, sources: dict, paths: dict[str, list[str]], token
                 sae.normalize_decoder()
             if step % recipe.train.log_every == 0 or step == steps - 1:
                 row = {"step": step, "tokens": (step + 1) * batch_size * recipe.data.seq_len,
-                       **{k: v.item() for k, v in parts.items()}}
+                       **{k: distributed.all_sum(v.detach()).item() for k, v in parts.items()}}
                 bar.set_postfix(fvu=f"{row['recon'] / len(every_sae):.3f}", align=f"{row['align']:.3f}")
                 if log:
                     log.write(json.dumps(row) + "\n")
                     log.flush()
             every = recipe.train.checkpoint_every
-            if stop.signal or (every and (step + 1) % every == 0 and step + 1 < steps):
+            stopping = distributed.any_true(stop.signal is not None)  # every process stops at the same step
+            if stopping or (every and (step + 1) % every == 0 and step + 1 < steps):
+                for f in fired:
+                    distributed.or_masks(f)
                 save_checkpoint(step + 1)
                 last_saved = step + 1
-            if stop.signal:
-                raise TrainingInterrupted(f"{stop.signal} at step {step + 1} of {steps}; checkpoint in '{checkpoint}'"
-                                          if checkpoint else f"{stop.signal} at step {step + 1} of {steps}")
+            if stopping:
+                why = stop.signal or "a stop request to another process"
+                raise TrainingInterrupted(f"{why} at step {step + 1} of {steps}; checkpoint in '{checkpoint}'"
+                                          if checkpoint else f"{why} at step {step + 1} of {steps}")
     if log:
         log.close()
+    if not main:
+        return _finish(saes), {}
 
-    for _ in range(n_first - steps):  # batches read for initialisation but never trained on
-        next(stream)
+    # Fresh batches after the training ones (the initialisation's extra batches when it read more than training);
+    # with several processes, whole batches, as one process would have measured on.
+    if distributed.world() > 1:
+        batches = activation_batches(recipe, sources, paths, tokenizer, batch_size, steps)
     held_back = []
     while sum(_tokens(b) for b in held_back) < recipe.train.eval_tokens:
-        held_back.append([{n: x.to(device) for n, x in acts.items()} for acts in next(stream)])
+        held_back.append([{n: x.to(device) for n, x in acts.items()} for acts in next(batches)])
     metrics = {"sites": [{"layers": {n: paths[n][site] for n in sources},
                           **measure(saes[site], [b[site] for b in held_back])} for site in range(len(saes))],
                "steps": steps, "train_tokens": steps * batch_size * recipe.data.seq_len, "resampled_latents": resampled}
