@@ -18,36 +18,39 @@ from torch import nn
 
 
 class TopKEncode(torch.autograd.Function):
-    """values, indices = topk(x @ W + b, k), values relu'd; the backward touches only the k chosen latents.
+    """values, indices = topk((x - b_dec) @ W + b_enc, k), values relu'd; the backward touches only the k chosen
+    latents of each token.
 
     Autograd through a dense topk would backpropagate an [N, d_sae] gradient through the encoder matmul; this
-    scatters the [N, k] gradient instead (sparse matrix product), which makes a TopK step several times faster.
+    scatters the [N, k] gradient instead (a sparse matrix product), which makes a TopK step several times faster.
     """
 
     @staticmethod
-    def forward(ctx, x, W, b, k: int):
-        values, indices = torch.addmm(b, x, W).topk(k, dim=-1, sorted=False)
+    def forward(ctx, x, b_dec, W, b_enc, k: int):
+        centred = x - b_dec
+        values, indices = torch.addmm(b_enc, centred, W).topk(k, dim=-1, sorted=False)
         values = values.relu()
-        ctx.save_for_backward(x, W, indices, values)
+        ctx.save_for_backward(centred, W, indices, values)
         return values, indices
 
     @staticmethod
     def backward(ctx, grad_values, grad_indices):
-        x, W, indices, values = ctx.saved_tensors
-        grad_values = grad_values * (values > 0)
+        centred, W, indices, values = ctx.saved_tensors
+        grad = (grad_values * (values > 0)).to(W.dtype)
         n, k = indices.shape
-        grad_x = grad_W = grad_b = None
+        per_latent = torch.zeros(W.shape[1], dtype=W.dtype, device=W.device).index_add_(0, indices.flatten(),
+                                                                                         grad.flatten())
+        grad_x = grad_b_dec = grad_W = None
         if ctx.needs_input_grad[0]:  # sum over the k latents of grad * W[:, latent]
-            grad_x = F.embedding_bag(indices, W.T, per_sample_weights=grad_values.to(W.dtype), mode="sum")
-        if ctx.needs_input_grad[1]:  # W.grad[:, j] = sum over tokens choosing j of grad * x
-            rows = torch.arange(n, device=x.device).repeat_interleave(k)
-            chosen = torch.sparse_coo_tensor(torch.stack([indices.flatten(), rows]), grad_values.flatten().to(x.dtype),
+            grad_x = F.embedding_bag(indices, W.T.contiguous(), per_sample_weights=grad, mode="sum")
+        if ctx.needs_input_grad[1]:  # the sum of grad_x over tokens, without forming grad_x
+            grad_b_dec = -(W @ per_latent)
+        if ctx.needs_input_grad[2]:  # W.grad[:, j] = sum over the tokens that chose j of grad * centred
+            rows = torch.arange(n, device=W.device).repeat_interleave(k)
+            chosen = torch.sparse_coo_tensor(torch.stack([indices.flatten(), rows]), grad.flatten(),
                                              (W.shape[1], n), check_invariants=False)
-            grad_W = torch.sparse.mm(chosen, x).T
-        if ctx.needs_input_grad[2]:
-            grad_b = torch.zeros(W.shape[1], dtype=W.dtype, device=W.device).index_add_(
-                0, indices.flatten(), grad_values.flatten().to(W.dtype))
-        return grad_x, grad_W, grad_b, None
+            grad_W = torch.sparse.mm(chosen, centred.to(W.dtype)).T
+        return grad_x, grad_b_dec, grad_W, per_latent, None
 
 
 @dataclass
@@ -135,8 +138,8 @@ class SparseAutoencoder(nn.Module):
 
     def encode_topk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """TopK codes as (values, indices), each [..., k]; what training uses (see TopKEncode)."""
-        x = (x.to(self.W_enc.dtype) / self.act_scale - self.b_dec)
-        values, indices = TopKEncode.apply(x.reshape(-1, x.shape[-1]), self.W_enc, self.b_enc, self.cfg.k)
+        x = x.to(self.W_enc.dtype) / self.act_scale
+        values, indices = TopKEncode.apply(x.reshape(-1, x.shape[-1]), self.b_dec, self.W_enc, self.b_enc, self.cfg.k)
         return values.reshape(*x.shape[:-1], -1), indices.reshape(*x.shape[:-1], -1)
 
     def decode(self, z: torch.Tensor, bias: bool = True) -> torch.Tensor:

@@ -312,7 +312,8 @@ def train_saes(recipe: Recipe, sources: dict, paths: dict[str, list[str]], token
                     everyone = {n: distributed.gather_rows(x) for n, x in acts.items()}
                     resampled += resample_dead(saes[site], everyone, ~fired[site], optimizer, generator)
                     fired[site].zero_()
-            site_parts = [losses(recipe, saes[site], acts, fired[site]) for site, acts in enumerate(batch)]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=recipe.train.autocast):
+                site_parts = [losses(recipe, saes[site], acts, fired[site]) for site, acts in enumerate(batch)]
             parts = {key: sum(p[key] for p in site_parts) for key in site_parts[0]}
             total = distributed.all_sum(parts["total"].detach())
             if not torch.isfinite(total):

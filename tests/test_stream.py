@@ -75,3 +75,15 @@ def test_a_cache_that_is_a_file_is_refused(pieces, tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(Exception, match=r"data.cache: '.*file' is a file; expected a folder"):
         pieces(data__cache=str(tmp_path / "file"))
+
+
+def test_bf16_autocast_trains_as_well_as_float32(pieces):
+    recipe, sources, paths, tokenizer = pieces()
+    _, full = train_saes(recipe, sources, paths, tokenizer, progress=False)
+    recipe.train.autocast = True
+    saes, mixed = train_saes(recipe, sources, paths, tokenizer, progress=False)
+    assert all(p.dtype == torch.float32 for p in saes[0]["a"].parameters())
+    for name in ("a", "b"):
+        ev_full = full["sites"][0]["sources"][name]["explained_variance"]
+        ev_mixed = mixed["sites"][0]["sources"][name]["explained_variance"]
+        assert ev_full > 0.3 and abs(ev_full - ev_mixed) < 0.03, (ev_full, ev_mixed)
