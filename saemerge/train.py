@@ -15,6 +15,7 @@ import math
 import signal
 import threading
 from pathlib import Path
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -124,28 +125,57 @@ def resample_dead(saes: dict[str, SparseAutoencoder], acts: dict[str, torch.Tens
     return len(latents)
 
 
+class Moments:
+    """Running sums for the variance of a stream of [tokens, d] batches (float64)."""
+
+    def __init__(self):
+        self.n, self.total, self.squares = 0, 0.0, 0.0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.double()
+        self.n += len(x)
+        self.total = self.total + x.sum(0)
+        self.squares += x.pow(2).sum().item()
+
+    def variance(self) -> float:
+        return max(self.squares - (self.total.pow(2).sum().item() / self.n), 1e-12)
+
+
 @torch.no_grad()
-def measure(saes: dict[str, SparseAutoencoder], batches: list[dict[str, torch.Tensor]]) -> dict:
-    """SAE quality on held-back batches: per source and per pair of sources."""
-    acts = {name: torch.cat([b[name] for b in batches]) for name in saes}
-    codes = {name: saes[name].encode(x) for name, x in acts.items()}
-    out = {"tokens": next(iter(acts.values())).shape[0], "sources": {}, "pairs": {}}
-    for name, z in codes.items():
-        active = z > 0
-        out["sources"][name] = {
-            "explained_variance": 1 - fvu(acts[name], saes[name].decode(z)).item(),
-            "l0": active.sum(-1).float().mean().item(),
-            "dead_fraction": (~active.any(0)).float().mean().item(),
-        }
-    for a, b in itertools.permutations(codes, 2):
-        active_a, active_b = codes[a] > 0, codes[b] > 0
-        union = (active_a | active_b).sum(-1).clamp_min(1)
+def measure(saes: dict[str, SparseAutoencoder], batches: Iterable[dict[str, torch.Tensor]]) -> dict:
+    """SAE quality on held-back batches, per source and per pair of sources; batch by batch, so memory does not
+    grow with the number of tokens measured."""
+    names = list(saes)
+    moments = {n: Moments() for n in names}
+    errors = {key: 0.0 for key in [*names, *itertools.permutations(names, 2)]}
+    sums = {key: 0.0 for key in [*(("l0", n) for n in names), *(("cos", a, b) for a, b in itertools.permutations(names, 2)),
+                                 *(("jaccard", a, b) for a, b in itertools.permutations(names, 2))]}
+    fired = {n: torch.zeros(saes[n].cfg.d_sae, dtype=torch.bool) for n in names}
+    for acts in batches:
+        codes = {n: saes[n].encode(x) for n, x in acts.items()}
+        for n, z in codes.items():
+            moments[n].add(acts[n])
+            errors[n] += (acts[n] - saes[n].decode(z)).double().pow(2).sum().item()
+            sums["l0", n] += (z > 0).sum().item()
+            fired[n] |= (z > 0).any(0).cpu()
+        for a, b in itertools.permutations(names, 2):
+            errors[a, b] += (acts[b] - saes[b].decode(codes[a])).double().pow(2).sum().item()
+            sums["cos", a, b] += F.cosine_similarity(codes[a], codes[b], dim=-1, eps=1e-8).sum().item()
+            active_a, active_b = codes[a] > 0, codes[b] > 0
+            union = (active_a | active_b).sum(-1).clamp_min(1)
+            sums["jaccard", a, b] += ((active_a & active_b).sum(-1) / union).sum().item()
+    tokens = moments[names[0]].n
+    out = {"tokens": tokens, "sources": {}, "pairs": {}}
+    for n in names:
+        out["sources"][n] = {"explained_variance": 1 - errors[n] / moments[n].variance(),
+                             "l0": sums["l0", n] / tokens, "dead_fraction": (~fired[n]).float().mean().item()}
+    for a, b in itertools.permutations(names, 2):
         out["pairs"][f"{a}->{b}"] = {
             # Dec_b(Enc_a(x_a)) against x_b: how well a's code stands in for b's.
-            "cross_explained_variance": 1 - fvu(acts[b], saes[b].decode(codes[a])).item(),
-            "code_cosine": F.cosine_similarity(codes[a], codes[b], dim=-1, eps=1e-8).mean().item(),
+            "cross_explained_variance": 1 - errors[a, b] / moments[b].variance(),
+            "code_cosine": sums["cos", a, b] / tokens,
             # The cosine can be carried by a few dense shared latents; the active-set overlap cannot.
-            "active_jaccard": ((active_a & active_b).sum(-1) / union).float().mean().item(),
+            "active_jaccard": sums["jaccard", a, b] / tokens,
         }
     return out
 
@@ -358,11 +388,15 @@ def train_saes(recipe: Recipe, sources: dict, paths: dict[str, list[str]], token
     # with several processes, whole batches, as one process would have measured on.
     if distributed.world() > 1:
         batches = activation_batches(recipe, sources, paths, tokenizer, batch_size, steps)
-    held_back = []
-    while sum(_tokens(b) for b in held_back) < recipe.train.eval_tokens:
-        held_back.append([{n: x.to(device) for n, x in acts.items()} for acts in next(batches)])
-    metrics = {"sites": [{"layers": {n: paths[n][site] for n in sources},
-                          **measure(saes[site], [b[site] for b in held_back])} for site in range(len(saes))],
+    sites = [[] for _ in saes]
+    tokens = 0
+    while tokens < recipe.train.eval_tokens:  # eval_tokens activations are kept; codes only batch by batch
+        batch = next(batches)
+        tokens += _tokens(batch)
+        for site, acts in enumerate(batch):
+            sites[site].append({n: x.to(device) for n, x in acts.items()})
+    metrics = {"sites": [{"layers": {n: paths[n][site] for n in sources}, **measure(saes[site], sites[site])}
+                         for site in range(len(saes))],
                "steps": steps, "train_tokens": steps * batch_size * recipe.data.seq_len, "resampled_latents": resampled}
     save_checkpoint(steps, metrics=metrics)  # a run stopped later (calibration, saving) resumes from here
     return _finish(saes), metrics
