@@ -7,8 +7,8 @@
 floor = every receiver's full forward + every sender's forward up to its last layer (run_to_layers) + the SAE
 work (encode each sender's residual, and each receiver's own under combine "mean"; decode into each receiver).
 single-pass bound = the same without the separate partial runs. Also timed, outside the floor: `injected`
-(model.injected per receiver and site: code mixing, gates, decode) and `mix` (log_softmax of the stacked
-heads, router, logsumexp). Each part runs on the same B x T tokens (starts of test documents, alternately prose
+(model.injected per receiver and site: code mixing, gates, decode) and `mix` (each head's log_softmax,
+the router, the pairwise logaddexp). Each part runs on the same B x T tokens (starts of test documents, alternately prose
 and code, no padding). Generation: greedy model.generate of N tokens with the cache from the first T - N
 tokens; its floor parts replay the same tokens (teacher-forced), each with its own DynamicCache, and so does
 `merged loop` (model forward with a MergedCache, without generate). Both the saved heads mode and heads
@@ -97,16 +97,17 @@ def parts(model, steps: list[tuple], cache: bool) -> dict:
                 for r in fed:
                     model.injected(r, s, res[r][i][s], codes[i][s], {n: res[n][i][s] for n in names})
 
-    def mix():  # as in SAEMergedForCausalLM.forward
+    def mix():  # as in SAEMergedForCausalLM.forward (inference: in place)
         for i in range(len(steps)):
-            log_probs = torch.stack([logits[n][i].float().log_softmax(-1) for n in names])
             if cfg.heads == "router":
                 last = {n: res[n][i][-1] for n in names}
                 weights = model.router(model._features(cfg.n_sites - 1, last)).log_softmax(-1)
-                log_probs = log_probs + weights.permute(2, 0, 1).unsqueeze(-1)
             else:
-                log_probs = log_probs - math.log(len(names))
-            log_probs.logsumexp(0)
+                weights = torch.full((*logits[names[0]][i].shape[:-1], len(names)), -math.log(len(names)))
+            mixed = None
+            for k, n in enumerate(names):
+                log_probs = logits[n][i].float().log_softmax(-1).add_(weights[..., k, None])
+                mixed = log_probs if mixed is None else torch.logaddexp(mixed, log_probs, out=mixed)
 
     fns = {"merged": merged, **{f"full:{r}": (lambda r=r: full(r)) for r in receivers},
            **{f"partial:{a}": (lambda a=a: partial(a)) for a in senders}, "sae": sae}

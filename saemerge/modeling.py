@@ -287,8 +287,10 @@ class SAEMergedForCausalLM(PreTrainedModel, GenerationMixin):
 
         exchange = cfg.scale != 0
         # Senders run to their layer first; receivers that are also senders run twice up to it (simple, not free).
+        # A receiver that sends nothing runs there too only when its un-injected codes are needed at a later site
+        # (combine: mean, several sites): at the first site its stream is the one its receiving run injects into.
         senders = sorted({a for r in cfg.receivers for a in cfg.senders_to(r)}, key=cfg.names.index) if exchange else []
-        needs_all = exchange and ("token" in cfg.gates or cfg.heads != "target")
+        needs_all = exchange and (cfg.heads != "target" or (cfg.combine == "mean" and cfg.n_sites > 1))
         residuals = self._residuals(cfg.names if needs_all else senders, input_ids, run)
         codes = [{n: self.saes[site][n].encode(h) for n, h in at_site.items()} for site, at_site in enumerate(residuals)]
 
@@ -296,14 +298,22 @@ class SAEMergedForCausalLM(PreTrainedModel, GenerationMixin):
             logits, _ = self._run_receiver(cfg.target, input_ids, run, codes, residuals)
         else:
             outputs = {n: self._run_receiver(n, input_ids, run, codes, residuals) for n in cfg.names}
-            log_probs = torch.stack([outputs[n][0].float().log_softmax(-1) for n in cfg.names])  # [S, B, T, V]
             if cfg.heads == "router":
                 last = cfg.n_sites - 1
                 weights = self.router(self._features(last, {n: outputs[n][1] for n in cfg.names})).log_softmax(-1)
-                log_probs = log_probs + weights.permute(2, 0, 1).unsqueeze(-1)
             else:
-                log_probs = log_probs - math.log(len(cfg.names))
-            logits = log_probs.logsumexp(0)  # log of the mixed distribution: softmax(logits) is the mixture
+                weights = torch.full((*input_ids.shape, len(cfg.names)), -math.log(len(cfg.names)))
+            # log of the mixed distribution (softmax(logits) is the mixture), one source at a time: pairwise
+            # logaddexp is several times faster than logsumexp over a stacked [S, B, T, V] tensor, and without
+            # autograd (inference) it works in place, holding one vocabulary-sized tensor per source less.
+            in_place = not torch.is_grad_enabled()
+            logits = None
+            for i, n in enumerate(cfg.names):
+                log_probs = outputs.pop(n)[0].float().log_softmax(-1)
+                weight = weights[..., i, None].float()
+                log_probs = log_probs.add_(weight) if in_place else log_probs + weight
+                logits = log_probs if logits is None else torch.logaddexp(logits, log_probs,
+                                                                          out=logits if in_place else None)
         loss = None
         if labels is not None:
             loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),

@@ -93,7 +93,7 @@ class TrainSpec(Strict):
     resample_every: int = Field(25, ge=0, description="Steps between resamplings of latents dead in every source (0: never).")
     checkpoint_every: int = Field(200, ge=0, description="Steps between training checkpoints (0: only when interrupted and at the end); `--resume` continues from the last.")
     device: str = Field("auto", description="auto (cuda if present, else cpu), cpu, cuda, cuda:1, ...")
-    autocast: bool = Field(False, description="Run the SAEs' forward under bfloat16 autocast (faster on GPUs with bf16 tensor cores); weights, optimizer and metrics stay float32.")
+    autocast: bool = Field(False, description="Run the SAEs' forward under bfloat16 autocast (meant for GPUs with bf16 tensor cores; its speed was not measured here); weights, optimizer and metrics stay float32.")
 
 
 class CalibrateSpec(Strict):

@@ -10,6 +10,7 @@ model's activation scale, so one set of coefficients fits sources of any width a
 from __future__ import annotations
 
 import itertools
+from collections import defaultdict
 import json
 import math
 import signal
@@ -147,9 +148,7 @@ def measure(saes: dict[str, SparseAutoencoder], batches: Iterable[dict[str, torc
     grow with the number of tokens measured."""
     names = list(saes)
     moments = {n: Moments() for n in names}
-    errors = {key: 0.0 for key in [*names, *itertools.permutations(names, 2)]}
-    sums = {key: 0.0 for key in [*(("l0", n) for n in names), *(("cos", a, b) for a, b in itertools.permutations(names, 2)),
-                                 *(("jaccard", a, b) for a, b in itertools.permutations(names, 2))]}
+    errors, sums = defaultdict(float), defaultdict(float)  # squared errors; per-token sums of l0, cosine, Jaccard
     fired = {n: torch.zeros(saes[n].cfg.d_sae, dtype=torch.bool) for n in names}
     for acts in batches:
         codes = {n: saes[n].encode(x) for n, x in acts.items()}
