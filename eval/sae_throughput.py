@@ -3,40 +3,38 @@
 
     python eval/sae_throughput.py --model eval/zoo/prose --layer 1 --latents 1024 --k 32 --batch 16 --steps 24
     python eval/sae_throughput.py --model models/gemma-3-270m-hf --layer 6 --latents 2048 --batch 4 --seq-len 64 \\
-        --steps 8 --repeats 1
+        --steps 8 --repeats 1 [--sparsify-truncated]
     python eval/sae_throughput.py --model eval/zoo/prose --pair eval/zoo/code --layer 1 --latents 1024 --steps 24
 
-Without --pair: in one process and on the same model, layer, latent size, k, batch and token rows, (a) our
-single-source TopK SAE (`train_saes`, the whole call: its own harvesting with the forward stopped at the layer,
-on-the-fly tokenizing, data init, dead-latent resampling every --resample-every steps, one held-back batch for
-its own metrics) and (b) sparsify's `Trainer(cfg, dataset, model).fit()` (SAE init, full model forward with a
-hook on `layers.i` = our `layer: i`, its final save). Model loading is outside both timings. Both read exactly
-the rows our trainer trains on: `saemerge.data.token_batches(recipe.data, tokenizer, batch, seed)`, handed to
-sparsify pre-tokenized. Tokens per second = steps * batch * seq_len / seconds for both (positions fed to the
-model; our harvest drops position 0, the attention sink, so it trains on batch * (seq_len - 1) per step).
-sparsify can only exclude token ids: with a BOS-adding tokenizer (Gemma) BOS is excluded, which is position 0;
-otherwise (zoo GPT-2) it also trains on position 0. Where our trainer harvests in blocks of
-`train.shuffle_batches` batches and shuffles tokens within a block, it trains on exactly these rows' tokens (in
-another order) when --steps is a multiple of the block, and its held-back batch costs one more block.
-One short untimed run of each comes first (lazy imports, first kernels). The machine may be shared: each call also
-records the cpu seconds other processes took meanwhile (from /proc/stat); a repeat where they took much is slowed.
+Without --pair: in one process, same model, layer, latents, k, batch and token rows, (a) our single-source TopK
+SAE (the whole `train_saes` call: its harvest, with the forward stopped at the layer, on-the-fly tokenizing, data
+init, resampling every --resample-every steps, one held-back batch for its metrics) and (b) sparsify's
+`Trainer(cfg, dataset, model).fit()` (SAE init, the full model forward with a hook on `layers.i` = our `layer: i`,
+its final save); --sparsify-truncated gives sparsify the model cut after the layer with no LM head (our forward
+work: the SAE training is then what differs). Model loading is timed by neither. sparsify reads, pre-tokenized,
+exactly the rows of `saemerge.data.token_batches(recipe.data, tokenizer, batch, seed)` our trainer trains on.
+Tokens/s = steps * batch * seq_len / seconds for both (our harvest drops position 0, the attention sink; sparsify
+excludes token ids only: BOS when the tokenizer adds it (Gemma), otherwise (zoo GPT-2) it trains on position 0).
+Our trainer harvests in blocks of `train.shuffle_batches` (8) and shuffles tokens within a block: with --steps a
+multiple of it, it trains on exactly these rows' tokens, and its held-back batch costs one more block.
 
-sparsify keeps its defaults: signum (sign SGD under a schedule-free wrapper, momentum 0.95), lr 5e-3 /
-sqrt(latents / 2^14), no lr warm-up, no AuxK, b_dec set to the first batch's mean, random encoder with the decoder
-its normalised transpose, inputs not scaled. Ours: the recipe defaults (Adam, lr 1e-3 with cosine decay to 10%,
-init from data, inputs divided by act_scale), l1 = l2 = align = cross = 0.
+sparsify keeps its defaults: signum (sign SGD, schedule-free wrapper, momentum 0.95), lr 5e-3 / sqrt(latents /
+2^14), no lr warm-up, no AuxK, b_dec = the first batch's mean, random encoder with the decoder its normalised
+transpose, inputs not scaled. Ours: the recipe defaults (Adam, lr 1e-3, cosine decay to 10%, init from data,
+inputs divided by act_scale), l1 = l2 = align = cross = 0. `explained_variance` scores both on the same held-out
+activations (fresh rows after every row either trainer read, position 0 dropped); sparsify's SAE is the one it
+saved (its schedule-free averaged weights). An untimed 2-step run of each comes first; repeats alternate the order
+(AB, BA, ...); medians reported, with the cpu seconds other processes took meanwhile (/proc/stat): the machine may
+be shared, and a repeat where they took much was slowed.
 
-Explained variance of both is computed by `explained_variance` below on the same held-out activations (fresh
-rows after every row either trainer read, position 0 dropped); sparsify's SAE is the one it saved (the
-schedule-free averaged weights). Repeats alternate the order (AB, BA, ...); medians are reported.
-
-With --pair OTHER: two sources (sharing a tokenizer) on the same rows: joint two-source training (align 1.0)
-against two single-source trainings one after the other. Appends to eval/results/sae_throughput.json.
+With --pair OTHER (sharing the tokenizer): joint two-source training (align 1.0) against two single-source
+trainings one after the other, on the same rows. Appends to eval/results/sae_throughput.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import io
 import itertools
 import json
@@ -54,7 +52,7 @@ from pathlib import Path
 import torch
 
 from saemerge.data import token_batches
-from saemerge.hooks import resolve_layer, run_to_layers
+from saemerge.hooks import find_blocks, resolve_layer, run_to_layers
 from saemerge.recipe import Recipe, SourceSpec
 from saemerge.sources import load_source, load_tokenizer
 from saemerge.train import train_saes
@@ -107,8 +105,19 @@ def timed(fn, *args):
     return (time.perf_counter() - wall, cpu, max(0.0, busy_seconds() - busy - cpu)), result
 
 
-def run_ours(recipe, sources, paths, tokenizer) -> tuple[tuple[float, float], dict]:
+def run_ours(recipe, sources, paths, tokenizer) -> tuple[tuple[float, float, float], dict]:
     return timed(lambda: train_saes(recipe, sources, paths, tokenizer, progress=False)[0][0])
+
+
+def truncated(model, layer: int):
+    """A copy of `model` that stops after block `layer` and whose LM head is the identity: the forward work our
+    harvest does, so that sparsify's time is its SAE training plus the same forward (--sparsify-truncated)."""
+    model = copy.deepcopy(model)
+    _, blocks = find_blocks(model)
+    del blocks[layer + 1:]
+    model.config.get_text_config().num_hidden_layers = layer + 1
+    model.set_output_embeddings(torch.nn.Identity())
+    return model
 
 
 def run_sparsify(args, model, path: str, rows: list[list[int]], exclude: list[int]):
@@ -149,10 +158,12 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--batch", type=int, default=16, help="sequences per step")
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=24, help="a multiple of train.shuffle_batches (8)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--eval-batches", type=int, default=4, help="held-out batches for explained variance")
     parser.add_argument("--resample-every", type=int, default=25, help="ours: the recipe default (0: never)")
+    parser.add_argument("--sparsify-truncated", action="store_true",
+                        help="sparsify on the model cut after the layer, LM head dropped (SAE training compared)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=str(REPO / "eval/results/sae_throughput.json"))
     args = parser.parse_args()
@@ -167,20 +178,21 @@ def main() -> None:
     # The rows: training batches first, then past every batch our trainer reads (data init, its held-back batch,
     # rounded up to a block of train.shuffle_batches where the trainer harvests and shuffles by blocks), held-out.
     block = getattr(single["a"].train, "shuffle_batches", 1)
-    first = math.ceil(args.latents / (args.batch * (args.seq_len - 1)))
-    skip = math.ceil((args.steps + first + 1) / block) * block
+    n_init = math.ceil(args.latents / (args.batch * (args.seq_len - 1)))
+    skip = math.ceil((args.steps + n_init + 1) / block) * block
     stream = token_batches(single["a"].data, tokenizer, args.batch, args.seed)
     batches = list(itertools.islice(stream, skip + args.eval_batches))
     rows = torch.cat(batches[:args.steps]).tolist()
     acts = {n: held_out(model, paths[n][0], batches[-args.eval_batches:]) for n, model in sources.items()}
     tokens = args.steps * args.batch * args.seq_len
 
+    theirs = truncated(sources["a"], args.layer) if args.sparsify_truncated else sources["a"]
     bos = tokenizer.bos_token_id  # sparsify excludes token ids only: BOS when every row starts with it
     exclude = [bos] if bos is not None and all(r[0] == bos for r in rows) else []
     warm = argparse.Namespace(**{**vars(args), "steps": 2})  # untimed: first-call costs (kernels, lazy imports)
     run_ours(make_recipe(warm, {n: models[n] for n in sources}, 1.0 if args.pair else 0.0), sources, paths, tokenizer)
     if not args.pair:
-        run_sparsify(warm, sources["a"], paths["a"][0], rows[:2 * args.batch], exclude)
+        run_sparsify(warm, theirs, paths["a"][0], rows[:2 * args.batch], exclude)
     seconds, cpu, others, ev = {}, {}, {}, {}
 
     def record(name, times, value):
@@ -191,7 +203,7 @@ def main() -> None:
     for repeat in range(args.repeats):
         if not args.pair:
             runs = {"saemerge": lambda: run_ours(single["a"], {"a": sources["a"]}, paths, tokenizer),
-                    "sparsify": lambda: run_sparsify(args, sources["a"], paths["a"][0], rows, exclude)}
+                    "sparsify": lambda: run_sparsify(args, theirs, paths["a"][0], rows, exclude)}
             for name in (list(runs) if repeat % 2 == 0 else list(runs)[::-1]):
                 times, sae = runs[name]()
                 fn = sae["a"] if name == "saemerge" else lambda x, c=sae: c.decode(*c.encode(x)[:2])

@@ -39,16 +39,18 @@ def shuffled(batches: list[list[dict[str, torch.Tensor]]], seed: int) -> list[li
 
 
 def activation_batches(recipe: Recipe, sources: dict, paths: dict[str, list[str]], tokenizer, batch_size: int,
-                       start: int = 0, rank: int = 0, world: int = 1) -> Iterator[list[dict[str, torch.Tensor]]]:
+                       start: int = 0, rank: int = 0, world: int = 1,
+                       shuffle: bool = True) -> Iterator[list[dict[str, torch.Tensor]]]:
     """Endless training batches (per site, {source: [tokens, d]}), from batch `start` on.
 
     Token batches of `batch_size` sequences per process (process `rank` of `world` harvests its contiguous
     slice of each global batch) are harvested `train.shuffle_batches` at a time, pooled, shuffled token-wise and
     dealt out again, so consecutive steps do not see the same documents and memory holds one such block
-    whatever the token budget. Batches before `start` are skipped by tokenizing alone (exact resume); with
-    `data.cache` harvested batches are read from and written to safetensors files.
+    whatever the token budget (`shuffle=False`: one batch at a time, as the token stream gives them). Batches
+    before `start` are skipped by tokenizing alone (exact resume); with `data.cache` harvested batches are read
+    from and written to safetensors files.
     """
-    block = recipe.train.shuffle_batches
+    block = recipe.train.shuffle_batches if shuffle else 1
     tokens = token_batches(recipe.data, tokenizer, batch_size * world, recipe.train.seed)
     cache = ActivationCache(recipe.data.cache, cache_key(recipe, paths, batch_size, rank, world)) \
         if recipe.data.cache else None

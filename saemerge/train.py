@@ -283,6 +283,9 @@ def train_saes(recipe: Recipe, sources: dict, paths: dict[str, list[str]], token
         return activation_batches(recipe, sources, paths, tokenizer, batch_size // distributed.world(), start,
                                   distributed.rank(), distributed.world())
 
+    # Enough first batches (of every process) to give every latent its own token when initialising from data.
+    tokens_per_batch = batch_size * (recipe.data.seq_len - 1)  # position 0 is left out
+    n_first = math.ceil(recipe.latent.size / tokens_per_batch) if recipe.latent.init == "data" else 1
     if resume:
         state, tensors = checkpoint_io.load(checkpoint, settings)
         start = state["step"]
@@ -293,10 +296,7 @@ def train_saes(recipe: Recipe, sources: dict, paths: dict[str, list[str]], token
     else:
         start = 0
         batches = stream(0)
-        # Enough first batches (of every process) to give every latent its own token when initialising from data.
-        first = [next(batches)]
-        while recipe.latent.init == "data" and _tokens(first[0]) * distributed.world() * len(first) < recipe.latent.size:
-            first.append(next(batches))
+        first = [next(batches) for _ in range(n_first)]
         everyone = [[{n: distributed.gather_rows(x) for n, x in site.items()} for site in b] for b in first]
         rows = torch.randperm(_tokens(everyone[0]) * len(everyone), generator=generator)[: recipe.latent.size] \
             if recipe.latent.init == "data" else None
@@ -383,10 +383,11 @@ def train_saes(recipe: Recipe, sources: dict, paths: dict[str, list[str]], token
     if not main:
         return _finish(saes), {}
 
-    # Fresh batches after the training ones (the initialisation's extra batches when it read more than training);
-    # with several processes, whole batches, as one process would have measured on.
-    if distributed.world() > 1:
-        batches = activation_batches(recipe, sources, paths, tokenizer, batch_size, steps)
+    # Held back: whole batches (as one process forms them) from the first shuffle block no training or
+    # initialisation batch drew tokens from, unshuffled, so that no more is harvested than measured.
+    block = recipe.train.shuffle_batches
+    unseen = math.ceil(max(steps, n_first) / block) * block
+    batches = activation_batches(recipe, sources, paths, tokenizer, batch_size, unseen, shuffle=False)
     sites = [[] for _ in saes]
     tokens = 0
     while tokens < recipe.train.eval_tokens:  # eval_tokens activations are kept; codes only batch by batch
