@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Iterator
 
 import torch
@@ -71,7 +72,7 @@ def activation_batches(recipe: Recipe, sources: dict, paths: dict[str, list[str]
         return acts
 
     first_block = start // block
-    for b in range(first_block, 2**62):
+    for b in itertools.count(first_block):
         batches = [harvest(i) for i in range(b * block, (b + 1) * block)]
         if block > 1:
             batches = shuffled(batches, recipe.train.seed * 1_000_003 + b)

@@ -170,7 +170,7 @@ def checkpoint_folder(output: Path) -> Path:
 
 
 def merge(recipe: Recipe, output: str | Path | None = None, overwrite: bool = False, progress: bool = True,
-          evaluate_after: bool = True, resume: bool = False, allow_pickle: bool = False) -> Path:
+          evaluate_after: bool = True, resume: bool = False, allow_pickle: bool = False) -> Path | None:
     """Run a whole recipe; return the folder of the merged model. `resume` continues the training of an
     interrupted run from its checkpoint (beside the output folder), which is removed once the output is saved.
 
