@@ -85,3 +85,35 @@ def test_resampling_restarts_dead_latents_on_the_same_tokens_in_every_source():
         assert torch.allclose(cos.max(-1).values, torch.ones(3), atol=1e-5)
         tokens[n] = cos.argmax(-1)
     assert torch.equal(tokens["a"], tokens["b"])
+
+
+def test_sparse_topk_training_path_matches_dense_autograd():
+    """encode_topk/decode_topk (TopKEncode's hand-written backward, embedding_bag) give the outputs and the
+    gradients of plain autograd through a dense top-k; gradcheck in float64 checks the backward itself."""
+    from saemerge.sae import TopKEncode
+
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(SAEConfig(d_in=16, d_sae=64, activation="topk", k=4))
+    with torch.no_grad():
+        sae.b_enc.normal_()
+        sae.b_dec.normal_()
+        sae.act_scale.fill_(1.7)
+    x = torch.randn(2, 5, 16)
+
+    pre = sae.pre_acts(x)
+    values, indices = pre.topk(4, dim=-1)
+    dense = sae.decode(torch.zeros_like(pre).scatter_(-1, indices, values.relu()))
+    dense.pow(2).sum().backward()
+    expected = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    sae.zero_grad()
+    sparse = sae.decode_topk(*sae.encode_topk(x))
+    sparse.pow(2).sum().backward()
+    assert torch.allclose(sparse, dense, atol=1e-5)
+    for name, p in sae.named_parameters():
+        assert torch.allclose(p.grad, expected[name], rtol=1e-4, atol=1e-4), name
+
+    inputs = [torch.randn(7, 16, dtype=torch.float64, requires_grad=True),  # x, b_dec, W, b_enc
+              torch.randn(16, dtype=torch.float64, requires_grad=True),
+              torch.randn(16, 64, dtype=torch.float64, requires_grad=True),
+              torch.randn(64, dtype=torch.float64, requires_grad=True)]
+    assert torch.autograd.gradcheck(lambda *a: TopKEncode.apply(*a, 4)[0], inputs)
