@@ -2,11 +2,14 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
+import torch
 from safetensors.torch import load_file
 
 from saemerge.cli import main
@@ -63,3 +66,38 @@ def test_a_batch_the_processes_cannot_share_is_refused(zoo, tmp_path):
     # The launcher (torchrun) prints its own traceback when a process fails; none of ours.
     assert not [line for line in result.stderr.splitlines() if line.startswith("  File") and "saemerge" in line]
     assert not (tmp_path / "out").exists()
+
+
+def test_two_processes_stopped_by_sigterm_resume_to_the_uninterrupted_weights(zoo, tmp_path):
+    """SIGTERM to the launcher reaches both processes: they stop at the same step, process 0 checkpoints, and
+    `--resume` with two processes ends bit-equal to an uninterrupted two-process run."""
+    for name in ("straight", "stopped"):
+        raw = tiny_recipe(zoo, tmp_path / name, checkpoint_every=4)
+        raw["data"]["tokens"] = 40 * 512
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(raw))
+    assert launch(["merge", str(tmp_path / "straight.yaml"), "--quiet", "--no-eval"]).returncode == 0
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(29500 + os.getpid() % 1000)}
+    proc = subprocess.Popen(LAUNCH + ["merge", str(tmp_path / "stopped.yaml"), "--quiet", "--no-eval"], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    state = tmp_path / ".stopped.checkpoint" / "state.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if json.loads(state.read_text())["step"] >= 8:
+                break
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be stopped"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    stops = [line for line in err.splitlines() if line.startswith("interrupted: SIGTERM at step")]
+    assert len(stops) == 2 and stops[0] == stops[1], err[-2000:]  # both processes, the same step
+    assert not (tmp_path / "stopped").exists()
+
+    result = launch(["merge", str(tmp_path / "stopped.yaml"), "--quiet", "--no-eval", "--resume"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(tmp_path / "stopped" / "model.safetensors")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
