@@ -16,7 +16,7 @@ exactly the rows of `saemerge.data.token_batches(recipe.data, tokenizer, batch, 
 Tokens/s = steps * batch * seq_len / seconds for both (our harvest drops position 0, the attention sink; sparsify
 excludes token ids only: BOS when the tokenizer adds it (Gemma), otherwise (zoo GPT-2) it trains on position 0).
 Our trainer harvests in blocks of `train.shuffle_batches` (8) and shuffles tokens within a block: with --steps a
-multiple of it, it trains on exactly these rows' tokens, and its held-back batch costs one more block.
+multiple of it, it trains on exactly these rows' tokens (its held-back batches come unshuffled after them).
 
 sparsify keeps its defaults: signum (sign SGD, schedule-free wrapper, momentum 0.95), lr 5e-3 / sqrt(latents /
 2^14), no lr warm-up, no AuxK, b_dec = the first batch's mean, random encoder with the decoder its normalised
