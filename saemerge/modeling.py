@@ -310,7 +310,7 @@ class SAEMergedForCausalLM(PreTrainedModel, GenerationMixin):
             logits = None
             for i, n in enumerate(cfg.names):
                 log_probs = outputs.pop(n)[0].float().log_softmax(-1)
-                weight = weights[..., i, None].float()
+                weight = weights[..., i, None].to(log_probs.device, torch.float32)  # sources may sit elsewhere
                 log_probs = log_probs.add_(weight) if in_place else log_probs + weight
                 logits = log_probs if logits is None else torch.logaddexp(logits, log_probs,
                                                                           out=logits if in_place else None)

@@ -18,9 +18,13 @@ LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--
           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "saemerge"]
 
 
+def launcher_env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(29500 + os.getpid() % 1000)}
+
+
 def launch(args, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(29500 + os.getpid() % 1000)}
-    return subprocess.run(LAUNCH + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, **kwargs)
+    return subprocess.run(LAUNCH + args, cwd=REPO, env=launcher_env(), capture_output=True, text=True, timeout=300,
+                          **kwargs)
 
 
 def tiny_recipe(zoo, output, **train):
@@ -76,9 +80,8 @@ def test_two_processes_stopped_by_sigterm_resume_to_the_uninterrupted_weights(zo
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(raw))
     assert launch(["merge", str(tmp_path / "straight.yaml"), "--quiet", "--no-eval"]).returncode == 0
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(29500 + os.getpid() % 1000)}
     proc = subprocess.Popen(LAUNCH + ["merge", str(tmp_path / "stopped.yaml"), "--quiet", "--no-eval"], cwd=REPO,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=launcher_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     state = tmp_path / ".stopped.checkpoint" / "state.json"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
