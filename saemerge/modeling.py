@@ -18,6 +18,7 @@ scale = 0 gives the target alone (target), the logit ensemble (mean) or a routed
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import math
 import tempfile
@@ -26,10 +27,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import (AutoConfig, AutoModelForCausalLM, DynamicCache, GenerationMixin, PretrainedConfig,
+from transformers import (AutoConfig, AutoModelForCausalLM, Cache, DynamicCache, GenerationMixin, PretrainedConfig,
                           PreTrainedModel)
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.utils import cached_file
 
 from .hooks import ResidualHook, run_to_layers
 from .sae import SAEConfig, SparseAutoencoder
@@ -37,10 +37,33 @@ from .sae import SAEConfig, SparseAutoencoder
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Small text files of a merge that travel with the model through from_pretrained / save_pretrained / push_to_hub.
 MERGE_FILES = ("README.md", "recipe.yaml", "metrics.json", "eval_results.json", "report.md")
+# transformers 5.24 renamed the KV cache `past_key_values` -> `cache` (in forwards and in outputs, the old name
+# deprecated); read the name off the installed release rather than off its version number.
+OUTPUT_CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The name under which `model.forward` takes its KV cache (`cache`, or `past_key_values` before 5.24 and in
+    remote code written for it)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def optional_file(repo: str, name: str, **hub) -> str | None:
+    """A file of a local folder or a Hub repo, or None if there is no such file."""
+    if Path(repo).is_dir():
+        return str(Path(repo) / name) if (Path(repo) / name).is_file() else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return hf_hub_download(repo, name, **hub)
+    except EntryNotFoundError:
+        return None
 
 
 def load_pretrained_source(model: str, revision: str | None = None, gguf_file: str | None = None,
-                           adapter: str | None = None, dtype: str = "float32", trust_remote_code: bool = False,
+                           adapter: str | None = None, dtype: str | torch.dtype = "float32",
+                           trust_remote_code: bool = False,
                            device_map: str | None = None, allow_pickle: bool = False) -> PreTrainedModel:
     """A source causal LM in eval mode, frozen, its LoRA adapter merged in; weights from safetensors or GGUF,
     pickles only with `allow_pickle` (loading one can run code). Lives here so that a merged folder stored by
@@ -52,7 +75,7 @@ def load_pretrained_source(model: str, revision: str | None = None, gguf_file: s
     elif not allow_pickle:
         kwargs["use_safetensors"] = True
     try:
-        source = AutoModelForCausalLM.from_pretrained(model, dtype=DTYPES[dtype], **kwargs)
+        source = AutoModelForCausalLM.from_pretrained(model, dtype=DTYPES.get(dtype, dtype), **kwargs)
     except OSError as e:
         # transformers' "no model.safetensors (...) do not set use_safetensors=True": say what it means here.
         if "use_safetensors" in kwargs and ("use_safetensors" in str(e) or "named model.safetensors" in str(e)):
@@ -80,34 +103,24 @@ def load_pretrained_source(model: str, revision: str | None = None, gguf_file: s
     return source.eval()
 
 
-class MergedCache:
-    """The merged model's KV cache: one DynamicCache per source run. A source that both sends (runs up to its
-    layer) and receives (runs whole) keeps two, since the same tokens pass its early blocks twice."""
+class MergedCache(Cache):
+    """The merged model's KV cache: one DynamicCache per source run, keyed "send:NAME" (a source run up to its
+    layer) or "receive:NAME" (run whole); a source that does both keeps two, since the same tokens pass its early
+    blocks twice. To `generate` it is one transformers `Cache` whose layers are all of theirs, so what generate does
+    to a cache (reorder for beam search, select, crop, ...) is the Cache API's own code reaching every source."""
 
-    is_compileable = False
-
-    def __init__(self):
-        self.caches: dict[str, DynamicCache] = {}
-
-    def get(self, key: str, model: PreTrainedModel) -> DynamicCache:
-        if key not in self.caches:
-            self.caches[key] = DynamicCache(config=model.config.get_text_config(decoder=True))
-        return self.caches[key]
+    def __init__(self, caches: dict[str, DynamicCache]):
+        self.caches = caches
+        # DynamicCache(config=...) makes its layers up front, so this list is complete from the start.
+        super().__init__(layers=[layer for cache in caches.values() for layer in cache.layers])
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return max((c.get_seq_length(layer_idx) for c in self.caches.values()), default=0)
+        # Every run sees the same tokens; a sender's cache is filled only up to its layer, so take the longest.
+        return max(cache.get_seq_length(layer_idx) for cache in self.caches.values())
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        for cache in self.caches.values():
-            cache.reorder_cache(beam_idx)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        for cache in self.caches.values():
-            cache.batch_repeat_interleave(repeats)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        for cache in self.caches.values():
-            cache.batch_select_indices(indices)
+    @property
+    def is_compileable(self) -> bool:
+        return False  # several caches under hooks: generate must not compile the forward
 
 
 class SAEMergedConfig(PretrainedConfig):
@@ -172,7 +185,9 @@ class SAEMergedForCausalLM(PreTrainedModel, GenerationMixin):
                  saes: dict[str, SparseAutoencoder] | None = None):
         super().__init__(config)
         if sources is None:
-            sources = {s["name"]: AutoModelForCausalLM.from_config(config.source_config(s["name"]))
+            # In the default dtype, which from_pretrained sets to its `dtype` (the sources' configs name their own).
+            sources = {s["name"]: AutoModelForCausalLM.from_config(config.source_config(s["name"]),
+                                                                   dtype=torch.get_default_dtype())
                        for s in config.sources}
         if saes is None:
             saes = [{s["name"]: SparseAutoencoder(SAEConfig(d_in=s["d_model"], **config.latent)) for s in config.sources}
@@ -198,7 +213,9 @@ class SAEMergedForCausalLM(PreTrainedModel, GenerationMixin):
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
-        return False  # generate must not make one DynamicCache for all sources: forward makes a MergedCache
+        # transformers' own switch for models with a cache of their own (mamba, rwkv): generate then makes none and
+        # takes the MergedCache that the first forward returns.
+        return False
 
     def post_init(self):
         super().post_init()
@@ -224,9 +241,10 @@ class SAEMergedForCausalLM(PreTrainedModel, GenerationMixin):
         return [p for m in modules for p in m.parameters()]
 
     # --- the merge ------------------------------------------------------------------------------------------
-    def _features(self, site: int, residuals: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Every source's residual at one site, each divided by its SAE's scale, side by side."""
-        return torch.cat([residuals[n] / self.saes[site][n].act_scale for n in self.config.names], dim=-1)
+    def _features(self, site: int, residuals: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """Every source's residual at one site, each divided by its SAE's scale, side by side, in `dtype` (that of
+        the gate or router reading them: sources may be kept in another)."""
+        return torch.cat([(residuals[n] / self.saes[site][n].act_scale).to(dtype) for n in self.config.names], dim=-1)
 
     def injected(self, receiver: str, site: int, h: torch.Tensor, codes: dict[str, torch.Tensor],
                  residuals: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
@@ -244,9 +262,28 @@ class SAEMergedForCausalLM(PreTrainedModel, GenerationMixin):
             code = code * 2 * torch.sigmoid(self.latent_gates[site][receiver])
         delta = sae.decode(code, bias=False)
         if receiver in self.token_gates[site]:
-            features = self._features(site, {**residuals, receiver: h})
-            delta = delta * 2 * torch.sigmoid(self.token_gates[site][receiver](features))
+            gate = self.token_gates[site][receiver]
+            features = self._features(site, {**residuals, receiver: h}, gate.weight.dtype)
+            delta = delta * 2 * torch.sigmoid(gate(features))
         return self.config.scale * delta.to(h.dtype)
+
+    def _send_runs(self) -> list[str]:
+        """The sources that run up to their last layer before any receiver runs, so that their codes can be sent.
+        Receivers that also send run twice up to it (simple, not free). A receiver that sends nothing runs there too
+        only when its un-injected codes are needed at a later site (combine: mean, several sites): at the first
+        site its stream is the one its receiving run injects into."""
+        cfg = self.config
+        if cfg.scale == 0:
+            return []
+        if cfg.heads != "target" or (cfg.combine == "mean" and cfg.n_sites > 1):
+            return list(cfg.names)
+        return [n for n in cfg.names if n in cfg.senders_to(cfg.target)]
+
+    def new_cache(self) -> MergedCache:
+        """An empty KV cache: one DynamicCache for each source run this wiring makes."""
+        runs = [("send", n) for n in self._send_runs()] + [("receive", n) for n in self.config.receivers]
+        return MergedCache({f"{role}:{name}": DynamicCache(config=self.sources[name].config.get_text_config(decoder=True))
+                            for role, name in runs})
 
     def _residuals(self, names, input_ids, run) -> list[dict[str, torch.Tensor]]:
         """Run each named source up to its last layer only; residuals per site."""
@@ -269,29 +306,33 @@ class SAEMergedForCausalLM(PreTrainedModel, GenerationMixin):
         return logits, residuals[-1].get(name)
 
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.LongTensor | None = None, past_key_values: MergedCache | None = None,
+                position_ids: torch.LongTensor | None = None, cache: MergedCache | None = None,
                 use_cache: bool | None = None, labels: torch.LongTensor | None = None,
-                **kwargs) -> CausalLMOutputWithPast:
+                past_key_values: MergedCache | None = None, **kwargs) -> CausalLMOutputWithPast:
+        """`cache` (or `past_key_values`, its name before transformers 5.24): a MergedCache (`new_cache()`), made
+        here when `use_cache` is set and none is given."""
         cfg = self.config
+        cache = cache if cache is not None else past_key_values
+        if unknown := [k for k, v in kwargs.items() if isinstance(v, Cache)]:
+            # Running without a cache handed over under a new name gives other tokens, silently: refuse instead.
+            raise TypeError(f"{type(self).__name__}.forward got a KV cache as {unknown}; it takes it as `cache` "
+                            "(or `past_key_values`)")
+        if cache is not None and not isinstance(cache, MergedCache):
+            raise TypeError(f"the KV cache of a merged model is a MergedCache (model.new_cache()), not a {type(cache).__name__}")
         if input_ids.shape[-1] == 0:  # no tokens, no logits (the sources' own forwards fail on an empty sequence)
             head = self.get_output_embeddings().weight
-            return CausalLMOutputWithPast(logits=head.new_zeros(*input_ids.shape, len(head)), past_key_values=past_key_values)
-        cache = past_key_values if past_key_values is not None else MergedCache() if use_cache else None
+            return CausalLMOutputWithPast(logits=head.new_zeros(*input_ids.shape, len(head)), **{OUTPUT_CACHE: cache})
+        if cache is None and use_cache:
+            cache = self.new_cache()
 
         def run(role: str, name: str) -> dict:
             """Arguments of one source's run; `role` (send/receive) picks its cache."""
             kwargs = {"attention_mask": attention_mask, "position_ids": position_ids, "use_cache": cache is not None}
             if cache is not None:
-                kwargs["past_key_values"] = cache.get(f"{role}:{name}", self.sources[name])
+                kwargs[cache_argument(self.sources[name])] = cache.caches[f"{role}:{name}"]
             return kwargs
 
-        exchange = cfg.scale != 0
-        # Senders run to their layer first; receivers that are also senders run twice up to it (simple, not free).
-        # A receiver that sends nothing runs there too only when its un-injected codes are needed at a later site
-        # (combine: mean, several sites): at the first site its stream is the one its receiving run injects into.
-        senders = sorted({a for r in cfg.receivers for a in cfg.senders_to(r)}, key=cfg.names.index) if exchange else []
-        needs_all = exchange and (cfg.heads != "target" or (cfg.combine == "mean" and cfg.n_sites > 1))
-        residuals = self._residuals(cfg.names if needs_all else senders, input_ids, run)
+        residuals = self._residuals(self._send_runs(), input_ids, run)
         codes = [{n: self.saes[site][n].encode(h) for n, h in at_site.items()} for site, at_site in enumerate(residuals)]
 
         if cfg.heads == "target":
@@ -299,10 +340,12 @@ class SAEMergedForCausalLM(PreTrainedModel, GenerationMixin):
         else:
             outputs = {n: self._run_receiver(n, input_ids, run, codes, residuals) for n in cfg.names}
             if cfg.heads == "router":
-                last = cfg.n_sites - 1
-                weights = self.router(self._features(last, {n: outputs[n][1] for n in cfg.names})).log_softmax(-1)
+                features = self._features(cfg.n_sites - 1, {n: outputs[n][1] for n in cfg.names}, self.router.weight.dtype)
+                weights = self.router(features).log_softmax(-1)
             else:
                 weights = torch.full((*input_ids.shape, len(cfg.names)), -math.log(len(cfg.names)))
+            # The mixture is computed in float32 whatever the sources' dtype: log-probabilities of a 16-bit softmax
+            # lose the small probabilities that the mixture adds up.
             # log of the mixed distribution (softmax(logits) is the mixture), one source at a time: pairwise
             # logaddexp is several times faster than logsumexp over a stacked [S, B, T, V] tensor, and without
             # autograd (inference) it works in place, holding one vocabulary-sized tensor per source less.
@@ -318,7 +361,7 @@ class SAEMergedForCausalLM(PreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                                ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{OUTPUT_CACHE: cache})
 
     # --- files ----------------------------------------------------------------------------------------------
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -339,34 +382,43 @@ class SAEMergedForCausalLM(PreTrainedModel, GenerationMixin):
             config = cls.config_class.from_pretrained(pretrained_model_name_or_path, **hub)
         if config.storage == "reference":
             model = cls._from_references(pretrained_model_name_or_path, config, hub, kwargs.get("device_map"),
-                                         allow_pickle)
+                                         kwargs.get("dtype"), allow_pickle)
         else:
             model = super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
         for name in MERGE_FILES:
-            path = cached_file(pretrained_model_name_or_path, name, _raise_exceptions_for_missing_entries=False, **hub)
-            if path:
+            if path := optional_file(pretrained_model_name_or_path, name, **hub):
                 model.merge_files[name] = Path(path).read_text()
         return model
 
     @classmethod
-    def _from_references(cls, folder, config, hub: dict, device_map: str | None, allow_pickle: bool = False):
-        """Sources fetched (or found locally) by their ids; SAEs, gates and router from the folder."""
+    def _from_references(cls, folder, config, hub: dict, device_map: str | None, dtype: str | torch.dtype | None,
+                         allow_pickle: bool = False):
+        """Sources fetched (or found locally) by their ids; SAEs, gates and router from the folder. `dtype` (unless
+        None or "auto": each source in its recorded dtype, the rest as saved) applies to all of them."""
         from safetensors.torch import load_file
 
+        dtype = DTYPES.get(dtype, dtype) if dtype != "auto" else None
         sources = {}
         for s in config.sources:
+            reference = {**s["reference"], **({"dtype": dtype} if dtype is not None else {})}
             try:
-                sources[s["name"]] = load_pretrained_source(**s["reference"], device_map=device_map,
+                sources[s["name"]] = load_pretrained_source(**reference, device_map=device_map,
                                                             allow_pickle=allow_pickle)
             except OSError as e:
                 raise OSError(f"{folder} is stored by reference and its source '{s['name']}' ({s['reference']['model']}) "
                               f"cannot be loaded: {str(e).strip().splitlines()[0]}") from e
         model = cls(config, sources=sources)
-        index = cached_file(folder, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False, **hub)
+        if dtype is not None:
+            for name, module in model.named_children():
+                if name != "sources":
+                    module.to(dtype)
+        index = optional_file(folder, "model.safetensors.index.json", **hub)
         files = sorted(set(json.loads(Path(index).read_text())["weight_map"].values())) if index else ["model.safetensors"]
         state = {}
         for name in files:
-            state.update(load_file(cached_file(folder, name, **hub)))
+            if not (path := optional_file(folder, name, **hub)):
+                raise OSError(f"{folder} has no {name}")
+            state.update(load_file(path))
         missing, unexpected = model.load_state_dict(state, strict=False)
         wrong = [k for k in missing if not k.startswith("sources.")] + list(unexpected)
         if wrong:

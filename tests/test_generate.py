@@ -5,7 +5,7 @@ import torch
 from transformers import AutoTokenizer
 
 from saemerge import build_merged, load_source, parse_recipe, train_saes, validate
-from saemerge.modeling import MergedCache
+from saemerge.modeling import OUTPUT_CACHE, MergedCache
 from conftest import recipe_dict
 
 PROMPTS = ["def main():\n    return", "In the beginning God created", "x"]
@@ -62,14 +62,14 @@ def test_the_cache_holds_one_kv_cache_per_source_run(merges, batch):
     model = merges["router"]
     with torch.no_grad():
         out = model(**batch, use_cache=True)
-    cache = out.past_key_values
+    cache = getattr(out, OUTPUT_CACHE)
     assert isinstance(cache, MergedCache)
     assert set(cache.caches) == {"send:a", "send:b", "receive:a", "receive:b"}
     length = batch["input_ids"].shape[1]
     assert cache.get_seq_length() == length
     sender = cache.caches["send:a"]
     assert sender.get_seq_length(1) == length and sender.get_seq_length(2) == 0  # layer 1 is the last it needs
-    assert model(**batch).past_key_values is None  # plain forwards (lm-eval) keep no cache
+    assert getattr(model(**batch), OUTPUT_CACHE) is None  # plain forwards (lm-eval) keep no cache
 
 
 def test_left_padded_batch_generates_what_each_prompt_generates_alone(merges, batch, zoo):
