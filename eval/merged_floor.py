@@ -33,7 +33,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 import saemerge  # noqa: F401  (registers the merged model class)
 from saemerge.hooks import run_to_layers
-from saemerge.modeling import MergedCache
+from saemerge.modeling import cache_argument
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -58,24 +58,25 @@ def parts(model, steps: list[tuple], cache: bool) -> dict:
     fed = [r for r in receivers if senders and cfg.senders_to(r)]  # receivers that get features
     encoded = [n for n in names if n in senders or (n in fed and cfg.combine == "mean")]
 
-    def kwargs(step, past):
+    def kwargs(step, past, takes_cache="cache"):
         ids, mask, positions = step
         return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "use_cache": cache,
-                **({"past_key_values": past} if cache else {})}
+                **({takes_cache: past} if cache else {})}
 
     def new_cache(name):
         return DynamicCache(config=model.sources[name].config.get_text_config(decoder=True)) if cache else None
 
     def full(name):
         past = new_cache(name)
-        return [model.sources[name](**kwargs(s, past)).logits for s in steps]
+        return [model.sources[name](**kwargs(s, past, cache_argument(model.sources[name]))).logits for s in steps]
 
     def partial(name):
         past = new_cache(name)
-        return [run_to_layers(model.sources[name], model.layers[name], **kwargs(s, past)) for s in steps]
+        return [run_to_layers(model.sources[name], model.layers[name], **kwargs(s, past, cache_argument(model.sources[name])))
+                for s in steps]
 
     def merged():
-        past = MergedCache() if cache else None
+        past = model.new_cache() if cache else None
         return [model(**kwargs(s, past)).logits for s in steps]
 
     # Inputs of the SAE and head timings, made once: residuals [step][site] and logits [step] per source.
@@ -101,7 +102,7 @@ def parts(model, steps: list[tuple], cache: bool) -> dict:
         for i in range(len(steps)):
             if cfg.heads == "router":
                 last = {n: res[n][i][-1] for n in names}
-                weights = model.router(model._features(cfg.n_sites - 1, last)).log_softmax(-1)
+                weights = model.router(model._features(cfg.n_sites - 1, last, model.router.weight.dtype)).log_softmax(-1)
             else:
                 weights = torch.full((*logits[names[0]][i].shape[:-1], len(names)), -math.log(len(names)))
             mixed = None

@@ -83,10 +83,10 @@ def load_pretrained_source(model: str, revision: str | None = None, gguf_file: s
                           "weights such as pytorch_model.bin and you trust them, pass --allow-pickle / "
                           "allow_pickle=True)") from e
         raise
-    if gguf_file:
-        # GGUF weights arrive dequantized; drop the quantizer so the merged model saves like any other.
-        del source.config.quantization_config
-        source.hf_quantizer = None
+    if getattr(source, "hf_quantizer", None) is not None and gguf_file:
+        # GGUF weights arrive dequantized, yet later transformers releases keep a GGUF quantizer that refuses to save
+        # or train the model: drop it (the quantizer's own method) so the merged model saves like any other.
+        source.hf_quantizer.remove_quantization_config(source)
     if adapter:
         from huggingface_hub import snapshot_download
 
@@ -344,9 +344,8 @@ class SAEMergedForCausalLM(PreTrainedModel, GenerationMixin):
                 weights = self.router(features).log_softmax(-1)
             else:
                 weights = torch.full((*input_ids.shape, len(cfg.names)), -math.log(len(cfg.names)))
-            # The mixture is computed in float32 whatever the sources' dtype: log-probabilities of a 16-bit softmax
-            # lose the small probabilities that the mixture adds up.
-            # log of the mixed distribution (softmax(logits) is the mixture), one source at a time: pairwise
+            # log of the mixed distribution (softmax(logits) is the mixture), in float32 whatever the sources' dtype
+            # (a 16-bit log-softmax loses the small probabilities the mixture adds up), one source at a time: pairwise
             # logaddexp is several times faster than logsumexp over a stacked [S, B, T, V] tensor, and without
             # autograd (inference) it works in place, holding one vocabulary-sized tensor per source less.
             in_place = not torch.is_grad_enabled()

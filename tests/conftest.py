@@ -11,11 +11,14 @@ import torch
 import yaml
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from peft import LoraConfig, get_peft_model
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+from saemerge import build_merged, load_source, parse_recipe, train_saes, validate
 
 REPO = Path(__file__).resolve().parent.parent
 PROSE = REPO / "eval/data/prose/validation.jsonl.gz"
 CODE = REPO / "eval/data/code/validation.jsonl.gz"
+PROMPTS = ["def main():\n    return", "In the beginning God created", "x"]
 
 # Small configs of different families, shapes and widths; every block list is found without a family table.
 FAMILIES = {
@@ -175,3 +178,38 @@ def write_recipe(tmp_path):
         path.write_text(yaml.safe_dump(raw))
         return path
     return write
+
+
+@pytest.fixture(scope="session")
+def merges(zoo, tmp_path_factory):
+    """Three wirings of one SAE pair (gpt2 -> llama): one receiver; every source receiving with gates and a
+    router; and two layers per source (two sites)."""
+    built = {}
+    for kind, overrides, layers in [
+        ("target", {}, 1),
+        ("router", {"merge__heads": "router", "merge__gates": ["latent", "token"]}, 1),
+        ("two_sites", {}, [0, 2]),
+    ]:
+        raw = recipe_dict(zoo["gpt2"], zoo["llama"], tmp_path_factory.mktemp(kind) / "out", data__tokens=1024,
+                          **overrides)
+        for model in raw["models"]:
+            model["layer"] = layers
+        recipe = parse_recipe(raw)
+        paths = validate(recipe)
+        sources = {s.name: load_source(s) for s in recipe.models}
+        saes, _ = train_saes(recipe, sources, paths, AutoTokenizer.from_pretrained(zoo["gpt2"]), progress=False)
+        model = build_merged(recipe, sources, saes, paths)
+        if kind == "router":  # calibrated-looking parameters, so that gates and router matter
+            torch.manual_seed(0)
+            for p in model.calibration_parameters():
+                p.data.normal_(0, 0.5)
+        built[kind] = model
+    return built
+
+
+@pytest.fixture(scope="session")
+def batch(zoo):
+    tok = AutoTokenizer.from_pretrained(zoo["gpt2"])
+    tok.padding_side = "left"
+    tok.pad_token = tok.eos_token
+    return tok(PROMPTS, return_tensors="pt", padding=True)

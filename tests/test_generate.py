@@ -2,48 +2,10 @@
 
 import pytest
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, DynamicCache
 
-from saemerge import build_merged, load_source, parse_recipe, train_saes, validate
 from saemerge.modeling import OUTPUT_CACHE, MergedCache
-from conftest import recipe_dict
-
-PROMPTS = ["def main():\n    return", "In the beginning God created", "x"]
-
-
-@pytest.fixture(scope="module")
-def merges(zoo, tmp_path_factory):
-    """Three wirings of one SAE pair (gpt2 -> llama): one receiver; every source receiving with gates and a
-    router; and two layers per source (two sites)."""
-    built = {}
-    for kind, overrides, layers in [
-        ("target", {}, 1),
-        ("router", {"merge__heads": "router", "merge__gates": ["latent", "token"]}, 1),
-        ("two_sites", {}, [0, 2]),
-    ]:
-        raw = recipe_dict(zoo["gpt2"], zoo["llama"], tmp_path_factory.mktemp(kind) / "out", data__tokens=1024,
-                          **overrides)
-        for model in raw["models"]:
-            model["layer"] = layers
-        recipe = parse_recipe(raw)
-        paths = validate(recipe)
-        sources = {s.name: load_source(s) for s in recipe.models}
-        saes, _ = train_saes(recipe, sources, paths, AutoTokenizer.from_pretrained(zoo["gpt2"]), progress=False)
-        model = build_merged(recipe, sources, saes, paths)
-        if kind == "router":  # calibrated-looking parameters, so that gates and router matter
-            torch.manual_seed(0)
-            for p in model.calibration_parameters():
-                p.data.normal_(0, 0.5)
-        built[kind] = model
-    return built
-
-
-@pytest.fixture(scope="module")
-def batch(zoo):
-    tok = AutoTokenizer.from_pretrained(zoo["gpt2"])
-    tok.padding_side = "left"
-    tok.pad_token = tok.eos_token
-    return tok(PROMPTS, return_tensors="pt", padding=True)
+from conftest import PROMPTS
 
 
 @pytest.mark.parametrize("kind", ["target", "router", "two_sites"])
@@ -112,3 +74,22 @@ def test_beam_search_reorders_every_source_cache(merges, batch):
     model = merges["router"]
     kwargs = dict(**batch, max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=0, eos_token_id=None)
     assert torch.equal(model.generate(**kwargs, use_cache=True), model.generate(**kwargs, use_cache=False))
+
+
+def test_the_cache_is_taken_under_either_name_and_refused_under_any_other(merges, batch):
+    """`cache` (transformers >= 5.24) and `past_key_values` (before) both carry it; a cache under another name is an
+    error, not a forward that silently runs without it."""
+    model = merges["router"]
+    prefix = {k: v[:, :-1] for k, v in batch.items()}
+    with torch.no_grad():
+        whole = model(**batch).logits[:, -1]
+        for name in ("cache", "past_key_values"):
+            cache = model.new_cache()
+            model(**prefix, use_cache=True, **{name: cache})
+            last = model(input_ids=batch["input_ids"][:, -1:], attention_mask=batch["attention_mask"], use_cache=True,
+                         **{name: cache}).logits[:, -1]
+            assert torch.allclose(last, whole, atol=1e-5), name
+        with pytest.raises(TypeError, match=r"got a KV cache as \['kv_cache'\]"):
+            model(**batch, kv_cache=model.new_cache())
+        with pytest.raises(TypeError, match="MergedCache"):
+            model(**batch, cache=DynamicCache())

@@ -33,11 +33,14 @@ def gguf_source(tokenizer, tmp_path_factory):
     return model, root
 
 
-def test_gguf_source_loads_the_same_weights(gguf_source):
+def test_gguf_source_loads_the_same_weights(gguf_source, tmp_path):
     model, root = gguf_source
     source = load_source(SourceSpec(name="g", model=str(root), gguf_file="tiny.gguf", layer=1))
     assert torch.equal(logits(source), logits(model))
     assert "quantization_config" not in source.config.to_dict()
+    # Dequantized for good: it saves as plain safetensors, as any source does.
+    source.save_pretrained(tmp_path / "saved")
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "saved")), logits(model))
 
 
 def test_merge_of_a_gguf_source_saves_and_reloads(gguf_source, zoo, tmp_path):

@@ -93,6 +93,15 @@ def test_reference_folder_keeps_sources_out(folders, zoo, lora):
     assert size(folders["reference"]) < 0.5 * size(folders["self"])
 
 
+def test_dtype_reaches_sources_stored_by_reference(folders):
+    expected = logits(folders["self"]).log_softmax(-1)
+    model = AutoModelForCausalLM.from_pretrained(folders["reference"], dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        got = model(IDS).logits.float().log_softmax(-1)
+    assert (got - expected).abs().max() < 0.05
+
+
 def test_large_folders_are_sharded_with_an_index(folders):
     folder = folders["sharded"]
     shards = sorted(folder.glob("model-*-of-*.safetensors"))

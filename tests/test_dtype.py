@@ -1,0 +1,68 @@
+"""The load options people type every day: `dtype` (float32, bfloat16, float16, "auto") and `device_map`."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from saemerge.modeling import OUTPUT_CACHE, SAEMergedForCausalLM
+
+# Largest change of any next-token log-probability against the float32 model. For scale, on these models the SAE
+# exchange itself moves log-probabilities by up to 0.2-0.4 (measured: merged against scale 0).
+TOLERANCE = {torch.bfloat16: 0.05, torch.float16: 0.005}
+
+
+@pytest.fixture(scope="module")
+def saved(merges, tmp_path_factory):
+    """The target and router wirings (gates and router with non-zero weights) saved as folders."""
+    root = tmp_path_factory.mktemp("dtype")
+    for kind in ("target", "router"):
+        merges[kind].save_pretrained(root / kind)
+    return root
+
+
+def log_probs(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch).logits.float().log_softmax(-1)[batch["attention_mask"].bool()]
+
+
+@pytest.mark.parametrize("kind", ["target", "router"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_loads_whole_and_stays_close_to_float32(saved, batch, kind, dtype):
+    expected = log_probs(AutoModelForCausalLM.from_pretrained(saved / kind, dtype=torch.float32), batch)
+    model = AutoModelForCausalLM.from_pretrained(saved / kind, dtype=dtype)
+    assert isinstance(model, SAEMergedForCausalLM)
+    # Sources, SAEs (scales included), gates and router alike: no module left in float32 by accident.
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    assert {b.dtype for name, b in model.named_buffers() if name.endswith("act_scale")} == {dtype}
+    assert (log_probs(model, batch) - expected).abs().max() < TOLERANCE[dtype]
+    with torch.no_grad():
+        out = model(**batch, use_cache=True)
+    # Heads mixed by the router are mixed in float32 on purpose; one head's logits keep the model's dtype.
+    assert out.logits.dtype == (torch.float32 if kind == "router" else dtype)
+    keys = [layer.keys for cache in getattr(out, OUTPUT_CACHE).caches.values() for layer in cache.layers
+            if layer.is_initialized]
+    assert keys and {k.dtype for k in keys} == {dtype}  # the KV cache holds half-precision keys too
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_generates(saved, batch, dtype):
+    model = AutoModelForCausalLM.from_pretrained(saved / "router", dtype=dtype)
+    out = model.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert out.shape == (3, batch["input_ids"].shape[1] + 6)
+    assert out.max() < model.config.vocab_size
+    # The first new token is what the forward's last position prefers (positions counted, as generate counts
+    # them, from each row's first unpadded token).
+    positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        first = model(**batch, position_ids=positions).logits[:, -1].argmax(-1)
+    assert torch.equal(out[:, batch["input_ids"].shape[1]], first)
+
+
+def test_auto_dtype_and_device_map_load_the_model_as_saved(saved, batch):
+    expected = log_probs(AutoModelForCausalLM.from_pretrained(saved / "router", dtype=torch.float32), batch)
+    model = AutoModelForCausalLM.from_pretrained(saved / "router", dtype="auto", device_map="auto")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert torch.equal(log_probs(model, batch), expected)
+    model = AutoModelForCausalLM.from_pretrained(saved / "router", dtype=torch.bfloat16, device_map="auto")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert (log_probs(model, batch) - expected).abs().max() < TOLERANCE[torch.bfloat16]
