@@ -209,7 +209,9 @@ def _skeleton(model: str, revision: str | None, gguf_file: str | None, trust_rem
     kwargs = dict(revision=revision, trust_remote_code=trust_remote_code, gguf_file=gguf_file)
     config = AutoConfig.from_pretrained(model, **{k: v for k, v in kwargs.items() if v is not None})
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    skeleton.tie_weights()  # transformers 5.0 leaves a model built on the meta device untied
+    return skeleton
 
 
 def check_sources(recipe: Recipe, allow_pickle: bool = False) -> dict:

@@ -90,11 +90,13 @@ def test_every_bad_source_and_dataset_is_reported_at_once(zoo, bad, tmp_path, ca
     recipe = write(raw, tmp_path)
     before = files_under(tmp_path)
     assert main(["validate", str(recipe)]) == 2
-    assert errors_of(capsys) == [
+    errors = errors_of(capsys)
+    # Then safetensors' own words, which change between its releases ("MetadataIncompleteBuffer" before 0.6).
+    assert errors.pop(1).startswith(f"models.1.model: '{bad['truncated'] / 'model.safetensors'}' is not a readable "
+                                    "safetensors file: Error while deserializing header: ")
+    assert errors == [
         f"models.0.model: '{bad['pickled']}' holds pytorch_model.bin, a pickle (loading it can run code); "
         + PICKLE_HINT,
-        f"models.1.model: '{bad['truncated'] / 'model.safetensors'}' is not a readable safetensors file: "
-        "Error while deserializing header: incomplete metadata, file not fully covered",
         f"models.2.model: '{bad['contradicting'] / 'model.safetensors'}' has lm_head.weight [400, 32]; expected "
         "[400, 48] from config.json (hidden_size 48?); 29 other tensors differ too",
         f"models.3.model: '{bad['empty']}' holds no weights; expected *.safetensors weights",
