@@ -102,7 +102,7 @@ def parts(model, steps: list[tuple], cache: bool) -> dict:
         for i in range(len(steps)):
             if cfg.heads == "router":
                 last = {n: res[n][i][-1] for n in names}
-                weights = model.router(model._features(cfg.n_sites - 1, last, model.router.weight.dtype)).log_softmax(-1)
+                weights = model.router(model._features(cfg.n_sites - 1, last, model.router)).log_softmax(-1)
             else:
                 weights = torch.full((*logits[names[0]][i].shape[:-1], len(names)), -math.log(len(names)))
             mixed = None

@@ -193,7 +193,8 @@ class SAEMergedForCausalLM(PreTrainedModel, GenerationMixin):
             saes = [{s["name"]: SparseAutoencoder(SAEConfig(d_in=s["d_model"], **config.latent)) for s in config.sources}
                     for _ in range(config.n_sites)]
         sites = range(config.n_sites)
-        self.sources = nn.ModuleDict(sources)
+        # Registered before the sources: device_map="auto" fills devices in this order, so these small modules land
+        # on the first device and what overflows (onto later devices, CPU or disk) is the sources' later blocks.
         self.saes = nn.ModuleList([nn.ModuleDict(site) for site in saes])  # saes[site][source]
         self.layers = {s["name"]: s["layers"] for s in config.sources}
         d_all = sum(s["d_model"] for s in config.sources)
@@ -208,6 +209,11 @@ class SAEMergedForCausalLM(PreTrainedModel, GenerationMixin):
             if module is not None:
                 nn.init.zeros_(module.weight)
                 nn.init.zeros_(module.bias)
+        self.sources = nn.ModuleDict(sources)
+        self.cache_arguments = {name: cache_argument(source) for name, source in sources.items()}
+        # What device_map must keep whole: post_init gathers it from child models only, and the sources are one
+        # level down.
+        self._no_split_modules = {m for source in sources.values() for m in source._no_split_modules or []}
         self.merge_files: dict[str, str] = {}  # MERGE_FILES of the merge that made this model, if known
         self.post_init()
 
@@ -241,10 +247,12 @@ class SAEMergedForCausalLM(PreTrainedModel, GenerationMixin):
         return [p for m in modules for p in m.parameters()]
 
     # --- the merge ------------------------------------------------------------------------------------------
-    def _features(self, site: int, residuals: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        """Every source's residual at one site, each divided by its SAE's scale, side by side, in `dtype` (that of
-        the gate or router reading them: sources may be kept in another)."""
-        return torch.cat([(residuals[n] / self.saes[site][n].act_scale).to(dtype) for n in self.config.names], dim=-1)
+    def _features(self, site: int, residuals: dict[str, torch.Tensor], reader: nn.Linear) -> torch.Tensor:
+        """Every source's residual at one site, each divided by its SAE's scale, side by side, on the device and in
+        the dtype of the gate or router that reads them (a device map may put sources elsewhere)."""
+        sae = self.saes[site]
+        return torch.cat([(residuals[n].to(sae[n].act_scale) / sae[n].act_scale).to(reader.weight)
+                          for n in self.config.names], dim=-1)
 
     def injected(self, receiver: str, site: int, h: torch.Tensor, codes: dict[str, torch.Tensor],
                  residuals: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
@@ -252,20 +260,21 @@ class SAEMergedForCausalLM(PreTrainedModel, GenerationMixin):
         (codes and residuals: {source: tensor} at that site)."""
         sae = self.saes[site][receiver]
         senders = self.config.senders_to(receiver)
+        # Codes go to the receiver's SAE and the result back to h (a device map may spread them over devices).
+        sent = [codes[a].to(sae.W_dec) for a in senders]
         if self.config.combine == "sum":
-            code = sum(codes[a] for a in senders)
+            code = sum(sent)
         else:
             # Biases cancel in the difference of two reconstructions, so decode the code difference alone.
-            z_r = codes[receiver] if receiver in codes else sae.encode(h)
-            code = sum(codes[a] - z_r for a in senders) / (len(senders) + 1)
+            z_r = codes[receiver].to(sae.W_dec) if receiver in codes else sae.encode(h)
+            code = sum(z - z_r for z in sent) / (len(senders) + 1)
         if receiver in self.latent_gates[site]:
-            code = code * 2 * torch.sigmoid(self.latent_gates[site][receiver])
+            code = code * 2 * torch.sigmoid(self.latent_gates[site][receiver]).to(code)
         delta = sae.decode(code, bias=False)
         if receiver in self.token_gates[site]:
             gate = self.token_gates[site][receiver]
-            features = self._features(site, {**residuals, receiver: h}, gate.weight.dtype)
-            delta = delta * 2 * torch.sigmoid(gate(features))
-        return self.config.scale * delta.to(h.dtype)
+            delta = delta * 2 * torch.sigmoid(gate(self._features(site, {**residuals, receiver: h}, gate))).to(delta)
+        return self.config.scale * delta.to(h)
 
     def _send_runs(self) -> list[str]:
         """The sources that run up to their last layer before any receiver runs, so that their codes can be sent.
@@ -305,13 +314,51 @@ class SAEMergedForCausalLM(PreTrainedModel, GenerationMixin):
             logits = model(input_ids=input_ids, **run("receive", name)).logits
         return logits, residuals[-1].get(name)
 
+    def _onload(self) -> ExitStack:
+        """Brings the SAEs, gates and router that a device map offloaded (to CPU or disk) onto their execution
+        device for one forward: the merge calls their methods, and accelerate's offload hooks watch forward only."""
+        stack = ExitStack()
+        if getattr(self, "hf_device_map", None):
+            from accelerate.utils import align_module_device, has_offloaded_params
+
+            for module in (self.saes, self.latent_gates, self.token_gates, self.router):
+                for part in module.modules() if module is not None else ():
+                    if has_offloaded_params(part):
+                        stack.enter_context(align_module_device(part))
+        return stack
+
+    def _logits(self, input_ids: torch.LongTensor, run) -> torch.Tensor:
+        """The merged next-token logits; `run(role, name)` gives the keyword arguments of one source's run."""
+        cfg = self.config
+        residuals = self._residuals(self._send_runs(), input_ids, run)
+        codes = [{n: self.saes[site][n].encode(h) for n, h in at_site.items()} for site, at_site in enumerate(residuals)]
+        if cfg.heads == "target":
+            return self._run_receiver(cfg.target, input_ids, run, codes, residuals)[0]
+        outputs = {n: self._run_receiver(n, input_ids, run, codes, residuals) for n in cfg.names}
+        if cfg.heads == "router":
+            features = self._features(cfg.n_sites - 1, {n: outputs[n][1] for n in cfg.names}, self.router)
+            weights = self.router(features).log_softmax(-1)
+        else:
+            weights = torch.full((*input_ids.shape, len(cfg.names)), -math.log(len(cfg.names)))
+        # log of the mixed distribution (softmax(logits) is the mixture), in float32 whatever the sources' dtype
+        # (a 16-bit log-softmax loses the small probabilities the mixture adds up), one source at a time: pairwise
+        # logaddexp is several times faster than logsumexp over a stacked [S, B, T, V] tensor, and without
+        # autograd (inference) it works in place, holding one vocabulary-sized tensor per source less.
+        in_place = not torch.is_grad_enabled()
+        logits = None
+        for i, n in enumerate(cfg.names):
+            log_probs = outputs.pop(n)[0].float().log_softmax(-1)
+            weight = weights[..., i, None].to(log_probs.device, torch.float32)  # sources may sit elsewhere
+            log_probs = log_probs.add_(weight) if in_place else log_probs + weight
+            logits = log_probs if logits is None else torch.logaddexp(logits, log_probs, out=logits if in_place else None)
+        return logits
+
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None, cache: MergedCache | None = None,
                 use_cache: bool | None = None, labels: torch.LongTensor | None = None,
                 past_key_values: MergedCache | None = None, **kwargs) -> CausalLMOutputWithPast:
         """`cache` (or `past_key_values`, its name before transformers 5.24): a MergedCache (`new_cache()`), made
         here when `use_cache` is set and none is given."""
-        cfg = self.config
         cache = cache if cache is not None else past_key_values
         if unknown := [k for k, v in kwargs.items() if isinstance(v, Cache)]:
             # Running without a cache handed over under a new name gives other tokens, silently: refuse instead.
@@ -329,33 +376,11 @@ class SAEMergedForCausalLM(PreTrainedModel, GenerationMixin):
             """Arguments of one source's run; `role` (send/receive) picks its cache."""
             kwargs = {"attention_mask": attention_mask, "position_ids": position_ids, "use_cache": cache is not None}
             if cache is not None:
-                kwargs[cache_argument(self.sources[name])] = cache.caches[f"{role}:{name}"]
+                kwargs[self.cache_arguments[name]] = cache.caches[f"{role}:{name}"]
             return kwargs
 
-        residuals = self._residuals(self._send_runs(), input_ids, run)
-        codes = [{n: self.saes[site][n].encode(h) for n, h in at_site.items()} for site, at_site in enumerate(residuals)]
-
-        if cfg.heads == "target":
-            logits, _ = self._run_receiver(cfg.target, input_ids, run, codes, residuals)
-        else:
-            outputs = {n: self._run_receiver(n, input_ids, run, codes, residuals) for n in cfg.names}
-            if cfg.heads == "router":
-                features = self._features(cfg.n_sites - 1, {n: outputs[n][1] for n in cfg.names}, self.router.weight.dtype)
-                weights = self.router(features).log_softmax(-1)
-            else:
-                weights = torch.full((*input_ids.shape, len(cfg.names)), -math.log(len(cfg.names)))
-            # log of the mixed distribution (softmax(logits) is the mixture), in float32 whatever the sources' dtype
-            # (a 16-bit log-softmax loses the small probabilities the mixture adds up), one source at a time: pairwise
-            # logaddexp is several times faster than logsumexp over a stacked [S, B, T, V] tensor, and without
-            # autograd (inference) it works in place, holding one vocabulary-sized tensor per source less.
-            in_place = not torch.is_grad_enabled()
-            logits = None
-            for i, n in enumerate(cfg.names):
-                log_probs = outputs.pop(n)[0].float().log_softmax(-1)
-                weight = weights[..., i, None].to(log_probs.device, torch.float32)  # sources may sit elsewhere
-                log_probs = log_probs.add_(weight) if in_place else log_probs + weight
-                logits = log_probs if logits is None else torch.logaddexp(logits, log_probs,
-                                                                          out=logits if in_place else None)
+        with self._onload():
+            logits = self._logits(input_ids, run)
         loss = None
         if labels is not None:
             loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),

@@ -126,7 +126,7 @@ class SparseAutoencoder(nn.Module):
 
     # --- forward --------------------------------------------------------------------------------------------
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.W_enc.dtype) / self.act_scale
+        x = x.to(self.W_enc) / self.act_scale  # the SAE's dtype and device
         return (x - self.b_dec) @ self.W_enc + self.b_enc
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -138,7 +138,7 @@ class SparseAutoencoder(nn.Module):
 
     def encode_topk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """TopK codes as (values, indices), each [..., k]; what training uses (see TopKEncode)."""
-        x = x.to(self.W_enc.dtype) / self.act_scale
+        x = x.to(self.W_enc) / self.act_scale
         values, indices = TopKEncode.apply(x.reshape(-1, x.shape[-1]), self.b_dec, self.W_enc, self.b_enc, self.cfg.k)
         return values.reshape(*x.shape[:-1], -1), indices.reshape(*x.shape[:-1], -1)
 
