@@ -318,13 +318,14 @@ class SAEMergedForCausalLM(PreTrainedModel, GenerationMixin):
         """Brings the SAEs, gates and router that a device map offloaded (to CPU or disk) onto their execution
         device for one forward: the merge calls their methods, and accelerate's offload hooks watch forward only."""
         stack = ExitStack()
-        if getattr(self, "hf_device_map", None):
+        parts = [part for module in (self.saes, self.latent_gates, self.token_gates, self.router) if module is not None
+                 for part in module.modules()]
+        if any(p.device.type == "meta" for part in parts for p in part.parameters(recurse=False)):
             from accelerate.utils import align_module_device, has_offloaded_params
 
-            for module in (self.saes, self.latent_gates, self.token_gates, self.router):
-                for part in module.modules() if module is not None else ():
-                    if has_offloaded_params(part):
-                        stack.enter_context(align_module_device(part))
+            for part in parts:
+                if has_offloaded_params(part):
+                    stack.enter_context(align_module_device(part))
         return stack
 
     def _logits(self, input_ids: torch.LongTensor, run) -> torch.Tensor:

@@ -68,22 +68,26 @@ def test_auto_dtype_and_device_map_load_the_model_as_saved(saved, batch):
     assert (log_probs(model, batch) - expected).abs().max() < TOLERANCE[torch.bfloat16]
 
 
-@pytest.mark.parametrize("share", [0.05, 0.5])
-def test_device_map_across_memory_and_disk_gives_the_same_model(saved, batch, tmp_path, share):
-    """A device map over two places (CPU memory and disk offload, the two this machine has): with 5% of the model
-    in memory everything, SAEs and gates too, is offloaded; with 50% a source is cut between its blocks. Either
-    way the logits and the greedy tokens are those of the model in memory, and no block is cut in two."""
+OFFLOADED_MERGE = {"saes": "disk", "latent_gates": "disk", "token_gates": "disk", "router": "disk", "sources": "cpu"}
+
+
+@pytest.mark.parametrize("device_map", ["auto", OFFLOADED_MERGE], ids=["auto-half-in-memory", "merge-offloaded"])
+def test_device_map_across_memory_and_disk_gives_the_same_model(saved, batch, tmp_path, device_map):
+    """Device maps over two places (CPU memory and disk offload, the two this machine has): "auto" with half of the
+    model's size in memory cuts a source between its blocks; a map that offloads the SAEs, gates and router leaves
+    their weights on disk until each forward. Either way the logits and the greedy tokens are those of the model in
+    memory, and no block is cut in two."""
     whole = AutoModelForCausalLM.from_pretrained(saved / "router")
     size = sum(p.numel() * p.element_size() for p in whole.parameters())
-    model = AutoModelForCausalLM.from_pretrained(saved / "router", device_map="auto", max_memory={"cpu": int(share * size)},
-                                                 offload_folder=str(tmp_path / "offload"))
-    if share < 0.1:
-        assert any(p.device.type == "meta" for p in model.saes.parameters())  # offloaded: loaded in each forward
-    else:
+    model = AutoModelForCausalLM.from_pretrained(saved / "router", device_map=device_map,
+                                                 max_memory={"cpu": size // 2}, offload_folder=str(tmp_path / "offload"))
+    if device_map == "auto":
         cut = {device for key, device in model.hf_device_map.items() if key.startswith("sources.a.")}
         assert cut == {"cpu", "disk"}
-    blocks = [name for name, m in model.named_modules() if type(m).__name__ in model._no_split_modules]
-    assert blocks and not any(key.startswith(block + ".") for key in model.hf_device_map for block in blocks)
+        blocks = [name for name, m in model.named_modules() if type(m).__name__ in model._no_split_modules]
+        assert blocks and not any(key.startswith(block + ".") for key in model.hf_device_map for block in blocks)
+    else:
+        assert all(p.device.type == "meta" for p in model.saes.parameters())  # on disk until a forward needs them
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, whole(**batch).logits)
     kwargs = dict(**batch, max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
