@@ -3,8 +3,8 @@ upload_folder use. Checked against huggingface_hub 2.4.0 with HF_HUB_DISABLE_XET
 xet on, 2.4 sends every LFS file to a xet storage server without asking the LFS batch API, and that is not faked.
 
 Requests, in the order the client makes them:
-  POST /api/repos/create                        {"name", "organization", "visibility" (or "private" before
-                                                huggingface_hub 1.10)} -> {"url"}; 409 if it exists
+  POST /api/repos/create                        {"name", "organization", "visibility" (or "private", as
+                                                huggingface_hub 1.3 sends)} -> {"url"}; 409 if it exists
   POST /api/validate-yaml  (twice)              README.md -> {"errors": [], "warnings": []}
   POST /api/models/{repo}/preupload/{rev}       {"files": [{path, sample (base64), size}]} -> uploadMode per file
   POST /{repo}.git/info/lfs/objects/batch       git-lfs batch API, transfers ["basic", "multipart"]: we pick basic
