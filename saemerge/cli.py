@@ -52,7 +52,7 @@ def cmd_merge(args) -> int:
 def cmd_eval(args) -> int:
     from .evaluate import evaluate, load_merged, results_table
 
-    model, tokenizer = load_merged(args.model, device=args.device, allow_pickle=args.allow_pickle)
+    model, tokenizer = load_merged(args.model, device=args.device, allow_pickle=args.allow_pickle, dtype=args.dtype)
     tasks = [t for t in args.tasks.split(",") if t]
     output = Path(args.output) if args.output else Path(args.model) / "eval_results.json"
     results = evaluate(model, tokenizer, tasks, args.include_path, args.limit, args.batch_size, output=output,
@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, help="context lm-eval scores with (default: the model's)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="load the model in this dtype (default: auto, as saved)")
     p.add_argument("--output", help="JSON file for the results (default: MODEL/eval_results.json)")
     _allow_pickle_arg(p)
     p.set_defaults(run=cmd_eval)

@@ -10,9 +10,10 @@ from .files import write_atomic
 from .recipe import RecipeError
 
 
-def load_merged(folder: str | Path, device: str = "cpu", allow_pickle: bool = False):
-    """A saved merged model (or any causal LM folder) and its tokenizer, offline. Pickled weights (of the
-    folder, or of a source stored by reference) only with `allow_pickle`."""
+def load_merged(folder: str | Path, device: str = "cpu", allow_pickle: bool = False, dtype: str = "auto"):
+    """A saved merged model (or any causal LM folder) and its tokenizer, offline, in `dtype` (float32, bfloat16,
+    float16, or "auto": as saved). Pickled weights (of the folder, or of a source stored by reference) only with
+    `allow_pickle`."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder = Path(folder)
@@ -23,7 +24,7 @@ def load_merged(folder: str | Path, device: str = "cpu", allow_pickle: bool = Fa
     else:  # a merged folder passes it on to its sources; other models just may read a pickle
         kwargs = {"allow_pickle": True} if AutoConfig.from_pretrained(folder).model_type == "saemerge" else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs).to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs).to(device).eval()
     except OSError as e:  # a missing or pickled source or weights file: one line
         reason = str(e).strip().splitlines()[0]
         if not allow_pickle and "no file named model.safetensors" in reason:
@@ -59,7 +60,7 @@ def evaluate(model, tokenizer, tasks: list[str], include_path: str | Path | None
                       and not k.split(",")[0].endswith("_stderr") and k not in ("sample_len", "sample_count")}
                for task, metrics in raw["results"].items()}
     if output:
-        config = {"tasks": list(tasks), "limit": limit, "max_length": lm.max_length}
+        config = {"tasks": list(tasks), "limit": limit, "max_length": lm.max_length, "dtype": str(model.dtype)}
         write_atomic(output, json.dumps({"results": results, "lm_eval": raw["results"], "config": config},
                                         indent=2, default=str))
     return results

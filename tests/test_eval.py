@@ -30,6 +30,13 @@ def test_local_perplexity_task_on_a_merged_model(zoo, tmp_path, write_recipe, ca
     assert abs(again["bits_per_byte"] - merged["bits_per_byte"]) < 1e-6
     assert "| tiny_prose | bits_per_byte |" in capsys.readouterr().out
 
+    # In bfloat16: the same numbers to within half a percent, and the results say which dtype gave them.
+    assert main(["eval", str(tmp_path / "out"), "--tasks", "tiny_prose", "--include-path", str(tasks),
+                 "--limit", "2", "--batch-size", "2", "--dtype", "bfloat16", "--output", str(tmp_path / "bf16.json")]) == 0
+    half = json.loads((tmp_path / "bf16.json").read_text())
+    assert half["config"]["dtype"] == "torch.bfloat16"
+    assert abs(half["results"]["tiny_prose"]["bits_per_byte"] / merged["bits_per_byte"] - 1) < 0.005
+
 
 def test_unknown_task_is_a_clear_error(zoo, tmp_path, capsys):
     raw_dir = tmp_path / "m"
