@@ -16,14 +16,18 @@ import yaml
 from torch import nn
 
 from saemerge import SAEMergedForCausalLM
+from saemerge.modeling import BRIDGES
+from saemerge.sae_bridge import SAEBridge
+from saemerge.wiring import senders_to
 
 
-class StitchedForCausalLM(SAEMergedForCausalLM):
-    """h_T += W h_A + b at the target's layers (W, b start at zero): SAEMergedForCausalLM with the SAE path
-    replaced by one dense linear map per injecting source and site."""
+class LinearBridge(SAEBridge):
+    """h_T += W h_A + b at the target's layers (W, b start at zero): the SAE bridge's feature path replaced by one
+    dense linear map per sender and site (its SAEs stay: they are trained anyway and the router reads their
+    scales). A bridge of its own, plugged in through saemerge.modeling.BRIDGES."""
 
-    def __init__(self, config, sources=None, saes=None):
-        super().__init__(config, sources, saes)
+    def __init__(self, config, saes=None):
+        super().__init__(config, saes)
         d = {s["name"]: s["d_model"] for s in config.sources}
         self.stitches = nn.ModuleList([nn.ModuleDict({a: nn.Linear(d[a], d[config.target]) for a in config.inject})
                                        for _ in range(config.n_sites)])
@@ -31,11 +35,28 @@ class StitchedForCausalLM(SAEMergedForCausalLM):
             nn.init.zeros_(stitch.weight)
             nn.init.zeros_(stitch.bias)
 
+    def modules(self):
+        return {**super().modules(), "stitches": self.stitches}
+
     def calibration_parameters(self):
         return list(self.stitches.parameters())
 
-    def injected(self, receiver, site, h, codes, residuals=None):
-        return sum(self.stitches[site][a](residuals[a].float()) for a in self.config.inject).to(h.dtype)
+    def send(self, site, residuals):
+        return residuals
+
+    def receive(self, receiver, site, h, sent, residuals=None):
+        return sum(self.stitches[site][a](sent[a].float()) for a in senders_to(self.config, receiver)).to(h.dtype)
+
+
+BRIDGES["linear"] = LinearBridge
+
+
+class StitchedForCausalLM(SAEMergedForCausalLM):
+    """SAEMergedForCausalLM with the linear bridge, whatever its config says."""
+
+    def __init__(self, config, sources=None, saes=None):
+        config.bridge = "linear"
+        super().__init__(config, sources, saes)
 
 
 def mergekit_linear(models: list[Path], output: Path, weights: list[float] | None = None) -> Path:

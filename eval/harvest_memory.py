@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 CHILD = """
 import json, sys, time
-from saemerge import load_recipe, load_source, train_saes
+from saemerge import load_recipe, load_source, train_from_recipe
 from saemerge.sources import check_sources, load_tokenizer
 
 def status(key):
@@ -40,7 +40,7 @@ sources = {s.name: load_source(s) for s in recipe.models}
 out = {"load_peak_gib": status("VmHWM"), "after_load_gib": status("VmRSS")}
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak to the current RSS
 start = time.perf_counter()
-saes, metrics = train_saes(recipe, sources, paths, tokenizer, progress=False)
+saes, metrics = train_from_recipe(recipe, sources, paths, tokenizer, progress=False)
 out.update(train_peak_gib=status("VmHWM"), train_seconds=time.perf_counter() - start,
            train_tokens=metrics["train_tokens"])
 print(json.dumps(out))

@@ -7,7 +7,7 @@
 floor = every receiver's full forward + every sender's forward up to its last layer (run_to_layers) + the SAE
 work (encode each sender's residual, and each receiver's own under combine "mean"; decode into each receiver).
 single-pass bound = the same without the separate partial runs. Also timed, outside the floor: `injected`
-(model.injected per receiver and site: code mixing, gates, decode) and `mix` (each head's log_softmax,
+(model.bridge.receive per receiver and site: code mixing, gates, decode) and `mix` (each head's log_softmax,
 the router, the pairwise logaddexp). Each part runs on the same B x T tokens (starts of test documents, alternately prose
 and code, no padding). Generation: greedy model.generate of N tokens with the cache from the first T - N
 tokens; its floor parts replay the same tokens (teacher-forced), each with its own DynamicCache, and so does
@@ -33,7 +33,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 import saemerge  # noqa: F401  (registers the merged model class)
 from saemerge.hooks import run_to_layers
-from saemerge.modeling import cache_argument
+from saemerge.cache import cache_argument
+from saemerge.modeling import mix_heads
+from saemerge.sae_bridge import scaled_residuals
+from saemerge.wiring import receivers as receivers_of, senders_to
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -53,9 +56,9 @@ def parts(model, steps: list[tuple], cache: bool) -> dict:
     (one step without cache; prefill then one token per step with it)."""
     cfg = model.config
     names, sites = cfg.names, range(cfg.n_sites)
-    receivers = cfg.receivers
-    senders = sorted({a for r in receivers for a in cfg.senders_to(r)}, key=names.index) if cfg.scale else []
-    fed = [r for r in receivers if senders and cfg.senders_to(r)]  # receivers that get features
+    receivers = receivers_of(cfg)
+    senders = sorted({a for r in receivers for a in senders_to(cfg, r)}, key=names.index) if cfg.scale else []
+    fed = [r for r in receivers if senders and senders_to(cfg, r)]  # receivers that get features
     encoded = [n for n in names if n in senders or (n in fed and cfg.combine == "mean")]
 
     def kwargs(step, past, takes_cache="cache"):
@@ -90,25 +93,22 @@ def parts(model, steps: list[tuple], cache: bool) -> dict:
             for s in sites:
                 z = {n: model.saes[s][n].encode(res[n][i][s]) for n in encoded}
                 for r in fed:
-                    model.saes[s][r].decode(z[cfg.senders_to(r)[0]], bias=False)
+                    model.saes[s][r].decode(z[senders_to(cfg, r)[0]], bias=False)
 
     def injected():
         for i in range(len(steps)):
             for s in sites:
                 for r in fed:
-                    model.injected(r, s, res[r][i][s], codes[i][s], {n: res[n][i][s] for n in names})
+                    model.bridge.receive(r, s, res[r][i][s], codes[i][s], {n: res[n][i][s] for n in names})
 
-    def mix():  # as in SAEMergedForCausalLM.forward (inference: in place)
+    def mix():  # as SAEMergedForCausalLM.forward mixes the heads
         for i in range(len(steps)):
             if cfg.heads == "router":
                 last = {n: res[n][i][-1] for n in names}
-                weights = model.router(model._features(cfg.n_sites - 1, last, model.router)).log_softmax(-1)
+                weights = model.router(scaled_residuals(model.saes[-1], names, last, model.router)).log_softmax(-1)
             else:
                 weights = torch.full((*logits[names[0]][i].shape[:-1], len(names)), -math.log(len(names)))
-            mixed = None
-            for k, n in enumerate(names):
-                log_probs = logits[n][i].float().log_softmax(-1).add_(weights[..., k, None])
-                mixed = log_probs if mixed is None else torch.logaddexp(mixed, log_probs, out=mixed)
+            mix_heads(weights, [logits[n][i] for n in names])
 
     fns = {"merged": merged, **{f"full:{r}": (lambda r=r: full(r)) for r in receivers},
            **{f"partial:{a}": (lambda a=a: partial(a)) for a in senders}, "sae": sae}

@@ -53,7 +53,8 @@ import torch
 
 from saemerge.data import token_batches
 from saemerge.hooks import find_blocks, resolve_layer, run_to_layers
-from saemerge.recipe import Recipe, SourceSpec
+from saemerge.harvest import activation_batches
+from saemerge.recipe import DataSpec, LatentSpec, SourceSpec, TrainSpec
 from saemerge.sources import load_source, load_tokenizer
 from saemerge.train import train_saes
 
@@ -62,18 +63,16 @@ DATA = [{"path": "json", "data_files": str(REPO / f"eval/data/{d}/train.jsonl.gz
         for d in ("prose", "code")]
 
 
-def make_recipe(args, models: dict[str, str], align: float) -> Recipe:
-    entries = [{"name": n, "model": m, "layer": args.layer} for n, m in models.items()]
-    if len(entries) == 1:  # a Recipe names >= 2 sources; train_saes trains only the sources it is given
-        entries.append({**entries[0], "name": "unused"})
-    return Recipe.model_validate({
-        "name": "throughput", "models": entries, "output": "unused",
-        "latent": {"size": args.latents, "activation": "topk", "k": args.k, "l1": 0.0, "l2": 0.0,
-                   "align": align, "cross": 0.0, "init": "data"},
-        "data": {"datasets": DATA, "seq_len": args.seq_len, "tokens": args.steps * args.batch * args.seq_len},
-        "train": {"batch_tokens": args.batch * args.seq_len, "seed": args.seed, "eval_tokens": 1, "device": "cpu",
-                  "resample_every": args.resample_every, "checkpoint_every": 0},
-        "merge": {"target": entries[0]["name"]}})
+def run_ours(args, align: float, sources: dict, paths: dict, tokenizer) -> tuple[tuple[float, float, float], dict]:
+    """saemerge's trainer on the sources given (one: a lone SAE; two: an aligned pair), harvesting as it trains."""
+    latent = LatentSpec(size=args.latents, activation="topk", k=args.k, l1=0.0, l2=0.0, align=align, cross=0.0,
+                        init="data")
+    train = TrainSpec(batch_tokens=args.batch * args.seq_len, seed=args.seed, device="cpu",
+                      resample_every=args.resample_every, checkpoint_every=0)
+    data = DataSpec(datasets=DATA, seq_len=args.seq_len)
+    stream = lambda start: activation_batches(sources, paths, token_batches(data, tokenizer, args.batch, args.seed),
+                                              start, train.shuffle_batches, args.seed)
+    return timed(lambda: train_saes(stream, latent, train, args.steps, progress=False)[0][0])
 
 
 @torch.no_grad()
@@ -103,10 +102,6 @@ def timed(fn, *args):
     result = fn(*args)
     cpu = time.process_time() - cpu
     return (time.perf_counter() - wall, cpu, max(0.0, busy_seconds() - busy - cpu)), result
-
-
-def run_ours(recipe, sources, paths, tokenizer) -> tuple[tuple[float, float, float], dict]:
-    return timed(lambda: train_saes(recipe, sources, paths, tokenizer, progress=False)[0][0])
 
 
 def truncated(model, layer: int):
@@ -173,14 +168,13 @@ def main() -> None:
     sources = {n: load_source(spec, "cpu") for n, spec in specs.items()}
     tokenizer = load_tokenizer(specs["a"])
     paths = {n: [resolve_layer(model, args.layer)] for n, model in sources.items()}
-    single = {n: make_recipe(args, {n: models[n]}, 0.0) for n in models}
 
     # The rows: training batches first, then past every batch our trainer reads (data init, its held-back batch,
     # rounded up to a block of train.shuffle_batches where the trainer harvests and shuffles by blocks), held-out.
-    block = getattr(single["a"].train, "shuffle_batches", 1)
+    block = TrainSpec().shuffle_batches
     n_init = math.ceil(args.latents / (args.batch * (args.seq_len - 1)))
     skip = math.ceil((args.steps + n_init + 1) / block) * block
-    stream = token_batches(single["a"].data, tokenizer, args.batch, args.seed)
+    stream = token_batches(DataSpec(datasets=DATA, seq_len=args.seq_len), tokenizer, args.batch, args.seed)
     batches = list(itertools.islice(stream, skip + args.eval_batches))
     rows = torch.cat(batches[:args.steps]).tolist()
     acts = {n: held_out(model, paths[n][0], batches[-args.eval_batches:]) for n, model in sources.items()}
@@ -190,7 +184,7 @@ def main() -> None:
     bos = tokenizer.bos_token_id  # sparsify excludes token ids only: BOS when every row starts with it
     exclude = [bos] if bos is not None and all(r[0] == bos for r in rows) else []
     warm = argparse.Namespace(**{**vars(args), "steps": 2})  # untimed: first-call costs (kernels, lazy imports)
-    run_ours(make_recipe(warm, {n: models[n] for n in sources}, 1.0 if args.pair else 0.0), sources, paths, tokenizer)
+    run_ours(warm, 1.0 if args.pair else 0.0, sources, paths, tokenizer)
     if not args.pair:
         run_sparsify(warm, theirs, paths["a"][0], rows[:2 * args.batch], exclude)
     seconds, cpu, others, ev = {}, {}, {}, {}
@@ -202,7 +196,7 @@ def main() -> None:
 
     for repeat in range(args.repeats):
         if not args.pair:
-            runs = {"saemerge": lambda: run_ours(single["a"], {"a": sources["a"]}, paths, tokenizer),
+            runs = {"saemerge": lambda: run_ours(args, 0.0, {"a": sources["a"]}, paths, tokenizer),
                     "sparsify": lambda: run_sparsify(args, theirs, paths["a"][0], rows, exclude)}
             for name in (list(runs) if repeat % 2 == 0 else list(runs)[::-1]):
                 times, sae = runs[name]()
@@ -211,10 +205,10 @@ def main() -> None:
         else:
             for name in (["joint", "singles"] if repeat % 2 == 0 else ["singles", "joint"]):
                 if name == "joint":
-                    times, saes = run_ours(make_recipe(args, models, 1.0), sources, paths, tokenizer)
+                    times, saes = run_ours(args, 1.0, sources, paths, tokenizer)
                     record(name, times, {n: explained_variance(saes[n], acts[n]) for n in sources})
                 else:  # one after the other, on the same rows
-                    runs = {n: run_ours(single[n], {n: sources[n]}, {n: paths[n]}, tokenizer) for n in sources}
+                    runs = {n: run_ours(args, 0.0, {n: sources[n]}, {n: paths[n]}, tokenizer) for n in sources}
                     record(name, [sum(t[i] for t, _ in runs.values()) for i in range(3)],
                            {n: explained_variance(sae[n], acts[n]) for n, (_, sae) in runs.items()})
                     seconds.setdefault("singles_each", []).append([t[0] for t, _ in runs.values()])

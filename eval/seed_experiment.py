@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "eval"))
 
 import saemerge  # noqa: E402
-from saemerge import ResidualHook, build_merged, load_source, parse_recipe, train_saes  # noqa: E402
+from saemerge import ResidualHook, build_merged, load_source, parse_recipe, train_from_recipe  # noqa: E402
 from saemerge.calibrate import calibrate  # noqa: E402
 from saemerge.recipe import set_override  # noqa: E402
 from saemerge.sources import check_sources  # noqa: E402
@@ -119,7 +119,7 @@ class Bench:
         start = time.perf_counter()
         paths = check_sources(recipe)  # the recipe's own layers (ablations move them)
         self.sources()
-        saes, metrics = train_saes(recipe, self._sources, paths, self.tokenizer, progress=not self.args.quiet)
+        saes, metrics = train_from_recipe(recipe, self._sources, paths, self.tokenizer, progress=not self.args.quiet)
         metrics["train_seconds"] = round(time.perf_counter() - start, 1)
         return saes, metrics
 

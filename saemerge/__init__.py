@@ -1,25 +1,31 @@
 """saemerge: merge Hugging Face causal LMs through sparse autoencoders that share one latent space.
 
-Pipeline, one module each: recipe -> sources -> harvest -> train -> build (modeling) -> merge -> evaluate -> report.
+Pipeline, one module each: recipe -> checks -> sources -> harvest -> train (losses, metrics) -> build (modeling)
+-> calibrate -> evaluate -> report; pipeline.merge runs them all as a recipe says.
 Importing saemerge registers `SAEMergedForCausalLM` with transformers' Auto classes.
 """
 
-from .build import build_merged
+from .build import build_merged, merged_model
+from .checks import check_sources, validate
+from .errors import HubError, RecipeError, UserError
 from .evaluate import evaluate, load_merged
+from .harvest import activation_batches, recipe_batches
 from .hooks import ResidualHook, find_blocks, resolve_layer, run_to_layer
-from .merge import merge, validate
+from .metrics import measure
 from .modeling import SAEMergedConfig, SAEMergedForCausalLM, register_auto_classes
-from .recipe import Recipe, RecipeError, load_recipe, parse_recipe
+from .pipeline import merge, train_from_recipe
+from .recipe import LatentSpec, MergeSpec, Recipe, TrainSpec, load_recipe, parse_recipe
 from .sae import SAEConfig, SparseAutoencoder
-from .sources import check_sources, load_source, load_tokenizer
-from .train import measure, train_saes
+from .sources import load_source, load_tokenizer
+from .train import train_saes
 
 register_auto_classes()
 
 __version__ = "0.1.0"
 __all__ = [
-    "Recipe", "RecipeError", "load_recipe", "parse_recipe", "validate", "merge", "check_sources", "load_source",
-    "load_tokenizer", "find_blocks", "resolve_layer", "run_to_layer", "ResidualHook", "SAEConfig",
-    "SparseAutoencoder", "train_saes", "measure", "build_merged", "SAEMergedConfig", "SAEMergedForCausalLM",
-    "evaluate", "load_merged",
+    "Recipe", "LatentSpec", "TrainSpec", "MergeSpec", "UserError", "RecipeError", "HubError", "load_recipe",
+    "parse_recipe", "validate", "merge", "train_from_recipe", "check_sources", "load_source", "load_tokenizer",
+    "find_blocks", "resolve_layer", "run_to_layer", "ResidualHook", "activation_batches", "recipe_batches",
+    "SAEConfig", "SparseAutoencoder", "train_saes", "measure", "merged_model", "build_merged", "SAEMergedConfig",
+    "SAEMergedForCausalLM", "evaluate", "load_merged",
 ]

@@ -1,23 +1,39 @@
-"""Assemble the merged model from trained sources and SAEs."""
+"""Assemble the merged model in memory from loaded sources and trained SAEs."""
 
 from __future__ import annotations
 
+from transformers import PreTrainedModel
+
 from .modeling import SAEMergedConfig, SAEMergedForCausalLM
-from .recipe import Recipe
+from .recipe import MergeSpec, Recipe
 from .sae import SparseAutoencoder
 from .sources import reference
 
 
+def merged_model(sources: dict[str, PreTrainedModel], saes: list[dict[str, SparseAutoencoder]],
+                 layers: dict[str, list[str]], merge: MergeSpec, references: dict[str, dict] | None = None,
+                 storage: str = "self-contained") -> SAEMergedForCausalLM:
+    """The merged model of `sources` ({name: causal LM}) and `saes` (saes[site][name], as train_saes returns them)
+    at `layers` ({name: one module path per site}), wired as `merge` says (target, heads, combine, scale, inject,
+    gates). Sources and SAEs are used as they are (not copied); the result is in eval mode. `references`
+    ({name: load_pretrained_source arguments}, default: each source's name_or_path and dtype) say where the sources
+    come from again, as `storage: reference` saves them and the model card names them."""
+    references = references or {}
+    latent = saes[0][next(iter(sources))].cfg
+    config = SAEMergedConfig(
+        sources=[{"name": name, "config": model.config.to_dict(), "layers": list(layers[name]),
+                  "d_model": saes[0][name].cfg.d_in,
+                  "reference": references.get(name) or {"model": model.name_or_path, "dtype": str(model.dtype)[6:]}}
+                 for name, model in sources.items()],
+        target=merge.target, inject=merge.inject or [n for n in sources if n != merge.target],
+        combine=merge.combine, scale=merge.scale, heads=merge.heads, gates=merge.gates,
+        latent={"d_sae": latent.d_sae, "activation": latent.activation, "k": latent.k, "bias": latent.bias},
+        storage=storage)
+    return SAEMergedForCausalLM(config, sources=sources, saes=saes).eval()
+
+
 def build_merged(recipe: Recipe, sources: dict, saes: list[dict[str, SparseAutoencoder]],
                  paths: dict[str, list[str]]) -> SAEMergedForCausalLM:
-    """Sources are used as they are (not copied); the result is in eval mode."""
-    latent = {"d_sae": recipe.latent.size, "activation": recipe.latent.activation, "k": recipe.latent.k,
-              "bias": recipe.latent.bias}
-    config = SAEMergedConfig(
-        sources=[{"name": name, "config": model.config.to_dict(), "layers": paths[name],
-                  "d_model": saes[0][name].cfg.d_in, "reference": reference(recipe.source(name))}
-                 for name, model in sources.items()],
-        target=recipe.merge.target, inject=recipe.injecting, combine=recipe.merge.combine,
-        scale=recipe.merge.scale, heads=recipe.merge.heads, gates=recipe.merge.gates, latent=latent,
-        storage=recipe.save.storage)
-    return SAEMergedForCausalLM(config, sources=sources, saes=saes).eval()
+    """`merged_model` as the recipe says, its sources' references from the recipe."""
+    return merged_model(sources, saes, paths, recipe.merge, {n: reference(recipe.source(n)) for n in sources},
+                        recipe.save.storage)

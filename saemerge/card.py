@@ -46,23 +46,36 @@ def source_line(spec: dict, layers: list[str]) -> str:
     return line + f"; layer{'s' if len(layers) > 1 else ''} " + ", ".join(f"`{p}`" for p in layers)
 
 
+def recipe_of_config(config: dict, name: str) -> dict:
+    """What the card needs of a recipe, from a merged model's config.json (a model built in memory, not by
+    `saemerge merge`, has no recipe.yaml)."""
+    latent = config.get("latent", {})
+    return {"name": name,
+            "models": [{"name": s["name"], **s.get("reference", {"model": s["name"]}), "layer": s["layers"]}
+                       for s in config["sources"]],
+            "latent": {"size": latent.get("d_sae"), "activation": latent.get("activation"), "k": latent.get("k")},
+            "merge": {key: config.get(key) for key in ("heads", "target", "combine", "scale", "gates")},
+            "save": {"storage": config.get("storage")}}
+
+
 def model_card(folder: str | Path, repo_id: str | None = None) -> str:
     """README.md for a merged folder: Hub metadata, what was merged and how, the recipe, the SAE metrics, the
     evaluation (if any) and how to load it. `repo_id` goes into the loading snippet (default: the folder name)."""
     from huggingface_hub import ModelCardData
 
     folder = Path(folder)
-    recipe_text = (folder / "recipe.yaml").read_text()
-    recipe = yaml.safe_load(recipe_text)
-    metrics = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").is_file() else {}
     config = json.loads((folder / "config.json").read_text())
+    recipe_text = (folder / "recipe.yaml").read_text() if (folder / "recipe.yaml").is_file() else None
+    recipe = yaml.safe_load(recipe_text) if recipe_text else recipe_of_config(config, folder.name)
+    metrics = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").is_file() else {}
     sites = metrics.get("sites", [])
     base_model = hub_ids(recipe["models"])
     data = ModelCardData(base_model=base_model or None, base_model_relation="merge" if base_model else None,
                          tags=TAGS, library_name="transformers", pipeline_tag="text-generation")
 
     m, latent = recipe["merge"], recipe["latent"]
-    sparsity = f"TopK, k {latent['k']}" if latent["activation"] == "topk" else f"ReLU, L1 {latent['l1']}"
+    sparsity = f"TopK, k {latent['k']}" if latent["activation"] == "topk" else \
+        f"ReLU, L1 {latent['l1']}" if latent.get("l1") is not None else "ReLU"
     settings = (f"heads `{m['heads']}`, target `{m['target']}`, combine `{m['combine']}`, scale {m['scale']}, "
                 f"gates {', '.join(m['gates']) or 'none'}")
     calibration = metrics.get("calibration")
@@ -81,7 +94,8 @@ def model_card(folder: str | Path, repo_id: str | None = None) -> str:
         *(source_line(spec, [site["layers"][spec["name"]] for site in sites] or [str(spec["layer"])])
           for spec in recipe["models"]),
         "",
-        f"Latent space: {latent['size']} latents ({sparsity}), trained on {metrics.get('train_tokens', 0):,} tokens.",
+        f"Latent space: {latent['size']} latents ({sparsity})"
+        + (f", trained on {metrics['train_tokens']:,} tokens." if metrics.get("train_tokens") else "."),
         f"Merge: {settings}.",
     ]
     if recipe.get("save", {}).get("storage") == "reference":
@@ -93,7 +107,8 @@ def model_card(folder: str | Path, repo_id: str | None = None) -> str:
     if "auto_map" in config:  # the modeling code travels with the weights
         text += ["Without saemerge installed, pass `trust_remote_code=True` to `from_pretrained` (it runs the "
                  "modeling code stored in this repository).", ""]
-    text += ["## Recipe", "", "```yaml", recipe_text.rstrip("\n"), "```", ""]
+    if recipe_text:
+        text += ["## Recipe", "", "```yaml", recipe_text.rstrip("\n"), "```", ""]
     if sites:
         text += ["## Sparse autoencoders", "",
                  f"Measured on {sites[0]['tokens']:,} held-back tokens. Explained variance of each SAE on its own "

@@ -14,9 +14,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .recipe import Recipe, RecipeError
+from .errors import UserError
+from .recipe import Recipe
 
 STATE = "state.json"
+
+
+def checkpoint_folder(output: Path) -> Path:
+    """Where training checkpoints of a run writing `output` live: hidden, beside it."""
+    return output.parent / f".{output.name}.checkpoint"
 
 
 def training_settings(recipe: Recipe) -> dict:
@@ -66,15 +72,15 @@ def save(folder: Path, step: int, saes: list[dict], optimizer, schedule, generat
 
 
 def load(folder: Path, settings: dict) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The state and tensors of the checkpoint in `folder`; RecipeError if there is none or the recipe's
+    """The state and tensors of the checkpoint in `folder`; UserError if there is none or the recipe's
     training settings differ from the checkpoint's."""
     if not (folder / STATE).is_file():
-        raise RecipeError(f"--resume: no checkpoint in '{folder}'; expected one left by an interrupted run of this "
+        raise UserError(f"--resume: no checkpoint in '{folder}'; expected one left by an interrupted run of this "
                           "recipe with this output folder")
     state = json.loads((folder / STATE).read_text())
     changed = changed_fields(state["settings"], settings)
     if changed:
-        raise RecipeError(f"--resume: the checkpoint in '{folder}' was made with other settings ({', '.join(changed)}); "
+        raise UserError(f"--resume: the checkpoint in '{folder}' was made with other settings ({', '.join(changed)}); "
                           "expected the same recipe (only train.lr, train.log_every, train.checkpoint_every and "
                           "train.device may change), or start over with --overwrite")
     return state, load_file(folder / state["tensors"])

@@ -1,13 +1,13 @@
-"""`saemerge validate | merge | eval | push | export-saes`: a thin layer over the Python API. Bad input exits with code 2."""
+"""`saemerge validate | explain | merge | eval | push | export-saes`: a thin layer over the Python API. Bad input exits with code 2."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
+from .errors import UserError
 from .recipe import RecipeError, load_recipe
 
 
@@ -24,7 +24,7 @@ def _allow_pickle_arg(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_validate(args) -> int:
-    from .merge import output_bytes, size_text, validate
+    from .checks import output_bytes, size_text, validate
 
     recipe = load_recipe(args.recipe, args.overrides)
     paths = validate(recipe, overwrite=True, allow_pickle=args.allow_pickle)
@@ -35,8 +35,15 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def cmd_explain(args) -> int:
+    from .recipe_reference import recipe_reference
+
+    print(recipe_reference(markdown=args.markdown, fields=args.fields), end="")
+    return 0
+
+
 def cmd_merge(args) -> int:
-    from .merge import merge
+    from .pipeline import merge
 
     recipe = load_recipe(args.recipe, args.overrides)
     start = time.perf_counter()
@@ -76,11 +83,11 @@ def cmd_export_saes(args) -> int:
     from .interchange import FORMATS, export_sae, import_sae
 
     if args.format not in FORMATS:
-        raise RecipeError(f"--format: '{args.format}' is not a format; expected one of {', '.join(FORMATS)}")
+        raise UserError(f"--format: '{args.format}' is not a format; expected one of {', '.join(FORMATS)}")
     model_dir = Path(args.model_dir)
     folders = sorted(cfg.parent for cfg in model_dir.glob("saes/*/*/cfg.json"))
     if not folders:
-        raise RecipeError(f"{model_dir}: not a merged model folder; expected saes/<source>/<module path>/ "
+        raise UserError(f"{model_dir}: not a merged model folder; expected saes/<source>/<module path>/ "
                           "as written by `saemerge merge`")
     recipe = yaml.safe_load((model_dir / "recipe.yaml").read_text()) if (model_dir / "recipe.yaml").is_file() else {}
     models = {m["name"]: m["model"] for m in recipe.get("models", [])}
@@ -90,7 +97,7 @@ def cmd_export_saes(args) -> int:
             written = export_sae(import_sae(folder), Path(args.out_dir) / source / hook, args.format, hook_name=hook,
                                  model_name=models.get(source), context_size=recipe.get("data", {}).get("seq_len"))
         except ValueError as e:
-            raise RecipeError(f"{folder}: {e}") from None
+            raise UserError(f"{folder}: {e}") from None
         print(f"{source} {hook} -> {written}")
     return 0
 
@@ -101,10 +108,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="check a recipe and its sources without training",
                        description="Check a recipe: schema, sources, layers, tokenizers, data, disk space. "
-                                   "Writes nothing.")
+                                   "Writes nothing. `saemerge explain` lists every recipe field with its default.")
     _recipe_args(p)
     _allow_pickle_arg(p)
     p.set_defaults(run=cmd_validate)
+
+    p = sub.add_parser("explain", help="print every recipe field with its default and meaning",
+                       description="Print the recipe reference, generated from the schema: every field, or only "
+                                   "the named fields and sections (e.g. `saemerge explain latent train.lr`).")
+    p.add_argument("fields", nargs="*", metavar="FIELD",
+                   help="a field or section, e.g. train.lr, models.layer, merge (default: all)")
+    p.add_argument("--markdown", action="store_true", help="print the markdown table of the README")
+    p.set_defaults(run=cmd_explain)
 
     p = sub.add_parser("merge", help="run a recipe: harvest, train the SAEs, build, save, evaluate, report",
                        description="Run a recipe end to end and write the merged model folder.")
@@ -159,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except RecipeError as e:
+    except UserError as e:
         for line in e.lines:
             # Control characters from the input (a newline in a key, a terminal escape) shown escaped: one line each.
             line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in line)

@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from .files import write_atomic
-from .recipe import RecipeError
+from .errors import RecipeError, UserError
 
 
 def load_merged(folder: str | Path, device: str = "cpu", allow_pickle: bool = False, dtype: str = "auto"):
@@ -18,7 +18,7 @@ def load_merged(folder: str | Path, device: str = "cpu", allow_pickle: bool = Fa
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():
-        raise RecipeError(f"{folder}: not a model folder; expected config.json inside")
+        raise UserError(f"{folder}: not a model folder; expected config.json inside")
     if not allow_pickle:
         kwargs = {"use_safetensors": True}
     else:  # a merged folder passes it on to its sources; other models just may read a pickle
@@ -29,7 +29,7 @@ def load_merged(folder: str | Path, device: str = "cpu", allow_pickle: bool = Fa
         reason = str(e).strip().splitlines()[0]
         if not allow_pickle and "no file named model.safetensors" in reason:
             reason += " (pickle weights load only with --allow-pickle, if you trust them)"
-        raise RecipeError(f"{folder}: {reason}") from None
+        raise UserError(f"{folder}: {reason}") from None
     return model, AutoTokenizer.from_pretrained(folder)
 
 

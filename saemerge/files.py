@@ -64,3 +64,12 @@ def move_into_place(folder: Path, output: Path, overwrite: bool) -> None:
             old.rename(output)
             raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def inside(root: Path, *parts: str) -> Path:
+    """root/parts, or a RecipeError if that resolves outside root: names from a recipe or a model never write
+    elsewhere."""
+    path = Path(root, *parts)
+    if not path.resolve().is_relative_to(Path(root).resolve()):
+        raise RecipeError(f"'{Path(*parts)}' would be written outside '{root}'; expected a path inside it")
+    return path

@@ -39,22 +39,17 @@ def shuffled(batches: list[list[dict[str, torch.Tensor]]], seed: int) -> list[li
             for i in range(0, len(order), size)]
 
 
-def activation_batches(recipe: Recipe, sources: dict, paths: dict[str, list[str]], tokenizer, batch_size: int,
-                       start: int = 0, rank: int = 0, world: int = 1,
-                       shuffle: bool = True) -> Iterator[list[dict[str, torch.Tensor]]]:
-    """Endless training batches (per site, {source: [tokens, d]}), from batch `start` on.
+def activation_batches(sources: dict, paths: dict[str, list[str]], tokens: Iterator[torch.Tensor], start: int = 0,
+                       shuffle_batches: int = 1, seed: int = 0, rank: int = 0, world: int = 1,
+                       cache: ActivationCache | None = None) -> Iterator[list[dict[str, torch.Tensor]]]:
+    """Endless batches of activations (per site, {source: [tokens, d]}) of the token batches `tokens` yields
+    ([sequences, seq_len] each, shared by `world` processes: process `rank` harvests its contiguous slice), from
+    batch `start` on.
 
-    Token batches of `batch_size` sequences per process (process `rank` of `world` harvests its contiguous
-    slice of each global batch) are harvested `train.shuffle_batches` at a time, pooled, shuffled token-wise and
-    dealt out again, so consecutive steps do not see the same documents and memory holds one such block
-    whatever the token budget (`shuffle=False`: one batch at a time, as the token stream gives them). Batches
-    before `start` are skipped by tokenizing alone (exact resume); with `data.cache` harvested batches are read
-    from and written to safetensors files.
+    Harvested `shuffle_batches` at a time, pooled, shuffled token-wise and dealt out again, so consecutive steps do
+    not see the same documents and memory holds one such block whatever the token budget. Batches before `start`
+    are skipped by reading `tokens` alone (an exact resume); with a `cache`, batches are read from and written to it.
     """
-    block = recipe.train.shuffle_batches if shuffle else 1
-    tokens = token_batches(recipe.data, tokenizer, batch_size * world, recipe.train.seed)
-    cache = ActivationCache(recipe.data.cache, cache_key(recipe, paths, batch_size, rank, world)) \
-        if recipe.data.cache else None
     read = 0  # token batches taken from `tokens` so far: a cached batch is not tokenized
 
     def harvest(index: int) -> list[dict[str, torch.Tensor]]:
@@ -64,16 +59,31 @@ def activation_batches(recipe: Recipe, sources: dict, paths: dict[str, list[str]
             return cached
         for _ in range(index - read):
             next(tokens)
-        ids = next(tokens)[rank * batch_size:(rank + 1) * batch_size]
+        ids = next(tokens)
+        ids = ids[rank * len(ids) // world:(rank + 1) * len(ids) // world]
         read = index + 1
         acts = activations(sources, paths, ids)
         if cache:
             cache.save(index, acts)
         return acts
 
+    block = shuffle_batches
     first_block = start // block
     for b in itertools.count(first_block):
         batches = [harvest(i) for i in range(b * block, (b + 1) * block)]
         if block > 1:
-            batches = shuffled(batches, recipe.train.seed * 1_000_003 + b)
+            batches = shuffled(batches, seed * 1_000_003 + b)
         yield from batches[start - b * block if b == first_block else 0:]
+
+
+def recipe_batches(recipe: Recipe, sources: dict, paths: dict[str, list[str]], tokenizer, batch_size: int,
+                   start: int = 0, rank: int = 0, world: int = 1,
+                   shuffle: bool = True) -> Iterator[list[dict[str, torch.Tensor]]]:
+    """`activation_batches` of the recipe's data mixture, `batch_size` sequences per process, shuffled in blocks of
+    `train.shuffle_batches` (`shuffle=False`: one batch at a time, as the token stream gives them), cached in
+    `data.cache` if set."""
+    tokens = token_batches(recipe.data, tokenizer, batch_size * world, recipe.train.seed)
+    cache = ActivationCache(recipe.data.cache, cache_key(recipe, paths, batch_size, rank, world)) \
+        if recipe.data.cache else None
+    return activation_batches(sources, paths, tokens, start, recipe.train.shuffle_batches if shuffle else 1,
+                              recipe.train.seed, rank, world, cache)

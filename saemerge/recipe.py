@@ -1,7 +1,8 @@
 """The recipe: one YAML file that says what to merge and how, validated with pydantic.
 
 Everything downstream (harvest -> train -> build -> evaluate -> report) reads this typed object only.
-Field docstrings double as the recipe reference in the README.
+Field descriptions are the recipe reference: `saemerge explain` and the README table are generated from them
+(recipe_reference.py), so a change of wording goes here.
 """
 
 from __future__ import annotations
@@ -12,13 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-
-class RecipeError(Exception):
-    """Bad input. Carries one line per problem; the CLI prints them and exits with code 2."""
-
-    def __init__(self, lines: list[str] | str):
-        self.lines = [lines] if isinstance(lines, str) else list(lines)
-        super().__init__("\n".join(self.lines))
+from .errors import RecipeError
 
 
 class Strict(BaseModel):
@@ -32,11 +27,17 @@ class SourceSpec(Strict):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     gguf_file: str | None = Field(None, description="A .gguf file inside `model` to load instead of safetensors (dequantized by transformers; needs the `gguf` package).")
     adapter: str | None = Field(None, description="A PEFT LoRA adapter (local folder or hub id) applied on top of `model` and merged into its weights.")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Dtype the source runs in.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Dtype the source runs in (float32, bfloat16, float16).")
     device_map: str | None = Field(None, description="Spread the source over the devices with accelerate (`auto`, `balanced`, ...) instead of putting it on `train.device`.")
-    layer: int | str | list[int | str] = Field(description="Block index i (the residual stream after block i = hidden_states[i+1]), a module path, or a list of them (one shared latent space per position in the list).")
+    layer: int | str | list[int | str] = Field(description=(
+        "Block index i (the residual stream after block i = `hidden_states[i+1]`), a module path, or a list of them: the "
+        "i-th layers of all sources form a *site* with its own shared latent space, SAEs, gates and injection. All "
+        "sources list the same number."))
     trust_remote_code: bool = Field(False, description="Allow the source's own modeling code from its folder.")
-    sae: str | list[str] | None = Field(None, description="SAE folder(s) to start from, one per layer, in saemerge, SAELens or sparsify format; trained on with the others (sources without one start as `latent.init` says).")
+    sae: str | list[str] | None = Field(None, description=(
+        "SAE folder(s) to start this source's SAEs from, one per layer, in saemerge, SAELens or sparsify format; trained "
+        "on with the others. Sources without one start as `latent.init` says (see "
+        "[SAE interchange](#sae-interchange-saelens-sparsify))."))
 
     @property
     def layers(self) -> list[int | str]:
@@ -76,10 +77,13 @@ class DatasetSpec(Strict):
 
 class DataSpec(Strict):
     datasets: list[DatasetSpec] = Field(min_length=1, description="The mixture the SAEs train on.")
-    seq_len: int = Field(128, ge=2, description="Tokens per sequence fed to the sources.")
+    seq_len: int = Field(128, ge=2, description="Tokens per sequence fed to the sources (at most their maximum positions).")
     tokens: int = Field(2_000_000, gt=0, description="Training token budget.")
     shuffle_buffer: int = Field(1000, ge=1, description="Documents held in the streaming shuffle buffer.")
-    cache: str | None = Field(None, description="Folder for harvested activations (safetensors, one file per batch), reused by later runs with the same sources, layers and data instead of running the sources again.")
+    cache: str | None = Field(None, description=(
+        "Folder for harvested activations (safetensors, one file per batch), reused by later runs with the same sources, "
+        "layers and data instead of running the sources again (see "
+        "[Streaming](#streaming-activations-and-the-activation-cache))."))
 
 
 class TrainSpec(Strict):
@@ -103,13 +107,17 @@ class CalibrateSpec(Strict):
 
 
 class MergeSpec(Strict):
-    target: str = Field(description="Name of the source whose residual stream receives the features (heads: target).")
+    target: str = Field(description="Name of the source whose residual stream receives the features (`heads: target`).")
     combine: Literal["sum", "mean"] = Field("mean", description="sum: add decoded features; mean: average reconstructions, keep the receiver's error.")
     # Bounded so that float32 stays finite: a scale of 1e308 saves a model whose logits are inf.
-    scale: float = Field(1.0, ge=-1000, le=1000, description="Multiplies what is brought in (0: no feature exchange).")
-    inject: list[str] | None = Field(None, description="Sources whose features are injected (default: all but the target).")
-    heads: Literal["target", "mean", "router"] = Field("target", description="target: one stream, the target's head; mean / router: every source receives the others' features and keeps its head, distributions averaged / mixed per token by a learned router.")
-    gates: list[Literal["latent", "token"]] = Field(default_factory=list, description="Learned gates on what is injected: per latent, per token (trained by calibration).")
+    scale: float = Field(1.0, ge=-1000, le=1000, description="Multiplies what is brought in (0: no feature exchange; -1000 .. 1000).")
+    # None means every source but the target (Recipe.injecting): the reference shows that in words.
+    inject: list[str] | None = Field(None, description="Sources whose features are injected (`heads: target`).",
+                                     json_schema_extra={"default_text": "all but the target"})
+    heads: Literal["target", "mean", "router"] = Field("target", description="target: one stream, the target's head; mean / router: every source receives the others' features and keeps its head, the distributions averaged / mixed per token by a learned router.")
+    gates: list[Literal["latent", "token"]] = Field(default_factory=list, description=(
+        "Learned gates on what is injected: `latent` (one per latent), `token` (one per token, from the sources' "
+        "residuals); trained by `merge.calibrate`."))
     calibrate: CalibrateSpec = Field(default_factory=CalibrateSpec)
 
 
@@ -122,8 +130,8 @@ class EvalSpec(Strict):
 
 
 class SaveSpec(Strict):
-    storage: Literal["self-contained", "reference"] = Field("self-contained", description="self-contained: the sources' weights go into the folder; reference: only the SAEs, gates and router, with the sources' ids, revisions and adapters to load them from at load time (like a PEFT adapter).")
-    max_shard_size: str = Field("5GB", pattern=r"^[0-9]+(GB|MB|KB|GiB|MiB|KiB)$", description="Weight files larger than this are split into shards with an index file, e.g. 5GB, 500MB.")
+    storage: Literal["self-contained", "reference"] = Field("self-contained", description="`self-contained`: the sources' weights go into the folder; `reference`: only the SAEs, gates and router, with the sources' ids, revisions and adapters to load them from at load time (like a PEFT adapter).")
+    max_shard_size: str = Field("5GB", pattern=r"^[0-9]+(GB|MB|KB|GiB|MiB|KiB)$", description="Weight files larger than this are split into shards with an index file (`5GB`, `500MB`, ...).")
 
 
 class Recipe(Strict):

@@ -1,104 +1,59 @@
-"""Aligned training: one SAE per source, one shared latent space.
+"""SAE training: at every site one SAE per source, all sharing one latent space (the loss: losses.py).
 
-loss = sum over sources of [ FVU(x_s, Dec_s(Enc_s(x_s))) + l1 |z_s|_1 + l2 |z_s|^2 ]
-     + align * mean over pairs of (1 - cos(z_s, z_t))
-     + cross * mean over ordered pairs of FVU(x_t, Dec_t(z_s))
-FVU (fraction of variance unexplained = 1 - explained variance) makes the reconstruction term free of each
-model's activation scale, so one set of coefficients fits sources of any width and norm.
+It takes a stream of activation batches and the `latent` and `train` settings, not a recipe, so it trains one SAE
+on one model's layer as well as several aligned across models. A batch is a list over sites of {source:
+[tokens, d]}; `stream(start)` yields batches from batch `start` on (what a resumed run needs), or `stream` is any
+iterable of batches. With several processes (distributed.py) each trains on its share of every batch.
+
+    from saemerge import LatentSpec, TrainSpec, train_saes
+    saes, metrics = train_saes(batches, LatentSpec(size=1024, activation="topk", k=32), TrainSpec(), steps=500)
 """
 
 from __future__ import annotations
 
 import itertools
-from collections import defaultdict
 import json
 import math
 import signal
 import threading
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import checkpoint as checkpoint_io
 from . import distributed
-from .harvest import activation_batches
+from .errors import RecipeError, UserError
 from .interchange import import_sae
-from .recipe import Recipe, RecipeError
+from .losses import loss_terms
+from .metrics import measure
+from .recipe import LatentSpec, TrainSpec
 from .sae import SAEConfig, SparseAutoencoder
 from .sources import resolve_device
 
-
-def fvu(x: torch.Tensor, recon: torch.Tensor, variance: torch.Tensor | None = None) -> torch.Tensor:
-    """Squared error over the variance of x; with `variance` given (the global batch's), this process's share."""
-    variance = (x - x.mean(0)).pow(2).sum() if variance is None else variance
-    return (x - recon).pow(2).sum() / variance.clamp_min(1e-12)
+Batch = list[dict[str, torch.Tensor]]  # per site, {source: activations [tokens, d]}
 
 
-def total_variance(x: torch.Tensor) -> torch.Tensor:
-    """sum |x - mean|^2 over the global batch (all processes' tokens), from each process's count, mean and sum."""
-    local = (x - x.mean(0)).pow(2).sum()
-    if distributed.world() == 1:
-        return local
-    n = torch.tensor(float(len(x)), device=x.device)
-    mean = distributed.all_sum(x.sum(0)) / distributed.all_sum(n)
-    return distributed.all_sum(local + n * (x.mean(0) - mean).pow(2).sum())
+def resampling_due(step: int, steps: int, every: int) -> bool:
+    """Dead latents are restarted every `every` steps (0: never), not at step 0 (nothing has had a chance to fire)
+    and not in the last fifth of training, which is left to settle."""
+    return bool(every) and step % every == 0 and 0 < step < 0.8 * steps
 
 
-def pairs(names: list[str]):
-    return list(itertools.combinations(names, 2))
+def lr_factor(step: int, steps: int) -> float:
+    """Cosine decay of the learning rate from 1 to 0.1 of `train.lr` over the run."""
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
 
 
-# Codes in training: TopK as (values, indices) [tokens, k] (sparse products, see sae.TopKEncode), ReLU dense.
-def encode(sae: SparseAutoencoder, x: torch.Tensor):
-    return sae.encode_topk(x) if sae.cfg.activation == "topk" else sae.encode(x)
+def init_batches(latent: LatentSpec, tokens_per_batch: int) -> int:
+    """Batches drawn before the first step: with `init: data`, enough tokens to give every latent its own."""
+    return math.ceil(latent.size / tokens_per_batch) if latent.init == "data" else 1
 
 
-def decode(sae: SparseAutoencoder, code) -> torch.Tensor:
-    return sae.decode_topk(*code) if isinstance(code, tuple) else sae.decode(code)
-
-
-def cosine(a, b, eps: float = 1e-8) -> torch.Tensor:
-    """Per-token cosine of two codes."""
-    if not isinstance(a, tuple):
-        return F.cosine_similarity(a, b, dim=-1, eps=eps)
-    (va, ia), (vb, ib) = a, b
-    dot = (va[:, :, None] * vb[:, None, :] * (ia[:, :, None] == ib[:, None, :])).sum((1, 2))
-    return dot / (va.norm(dim=-1).clamp_min(eps) * vb.norm(dim=-1).clamp_min(eps))
-
-
-def losses(recipe: Recipe, saes: dict[str, SparseAutoencoder], acts: dict[str, torch.Tensor],
-           fired: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """The loss terms for one site; `fired` (a [d_sae] bool) is or-ed with the latents active in any source.
-    With several processes, each returns its share: sums over its tokens divided by the global token count
-    and variances, so the shares' gradients add up to the gradient of the global batch's loss."""
-    lat = recipe.latent
-    codes = {name: encode(saes[name], x) for name, x in acts.items()}
-    if fired is not None:
-        for z in codes.values():
-            if isinstance(z, tuple):
-                fired[z[1][z[0] > 0]] = True
-            else:
-                fired |= (z > 0).any(0)
-    variance = {name: total_variance(x) for name, x in acts.items()}
-    first = next(iter(acts.values()))
-    tokens = distributed.all_sum(torch.tensor(float(len(first)), device=first.device))
-    parts = {key: torch.zeros(()) for key in ("recon", "sparsity", "align", "cross")}
-    for name, x in acts.items():
-        z = codes[name][0] if isinstance(codes[name], tuple) else codes[name]
-        parts["recon"] = parts["recon"] + fvu(x, decode(saes[name], codes[name]), variance[name])
-        parts["sparsity"] = parts["sparsity"] + (lat.l1 * z.abs().sum() + lat.l2 * z.pow(2).sum()) / tokens
-    names = list(acts)
-    if lat.align > 0:
-        parts["align"] = torch.stack([(1 - cosine(codes[a], codes[b])).sum() / tokens
-                                      for a, b in pairs(names)]).mean()
-    if lat.cross > 0:
-        parts["cross"] = torch.stack([fvu(acts[b], decode(saes[b], codes[a]), variance[b])
-                                      for a, b in itertools.permutations(names, 2)]).mean()
-    parts["total"] = parts["recon"] + parts["sparsity"] + lat.align * parts["align"] + lat.cross * parts["cross"]
-    return parts
+def new_sae(latent: LatentSpec, d_in: int) -> SparseAutoencoder:
+    return SparseAutoencoder(SAEConfig(d_in=d_in, d_sae=latent.size, k=latent.k, activation=latent.activation,
+                                       bias=latent.bias))
 
 
 @torch.no_grad()
@@ -126,63 +81,6 @@ def resample_dead(saes: dict[str, SparseAutoencoder], acts: dict[str, torch.Tens
     return len(latents)
 
 
-class Moments:
-    """Running sums for the variance of a stream of [tokens, d] batches (float64)."""
-
-    def __init__(self):
-        self.n, self.total, self.squares = 0, 0.0, 0.0
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.double()
-        self.n += len(x)
-        self.total = self.total + x.sum(0)
-        self.squares += x.pow(2).sum().item()
-
-    def variance(self) -> float:
-        return max(self.squares - (self.total.pow(2).sum().item() / self.n), 1e-12)
-
-
-@torch.no_grad()
-def measure(saes: dict[str, SparseAutoencoder], batches: Iterable[dict[str, torch.Tensor]]) -> dict:
-    """SAE quality on held-back batches, per source and per pair of sources; batch by batch, so memory does not
-    grow with the number of tokens measured."""
-    names = list(saes)
-    moments = {n: Moments() for n in names}
-    errors, sums = defaultdict(float), defaultdict(float)  # squared errors; per-token sums of l0, cosine, Jaccard
-    fired = {n: torch.zeros(saes[n].cfg.d_sae, dtype=torch.bool) for n in names}
-    for acts in batches:
-        codes = {n: saes[n].encode(x) for n, x in acts.items()}
-        for n, z in codes.items():
-            moments[n].add(acts[n])
-            errors[n] += (acts[n] - saes[n].decode(z)).double().pow(2).sum().item()
-            sums["l0", n] += (z > 0).sum().item()
-            fired[n] |= (z > 0).any(0).cpu()
-        for a, b in itertools.permutations(names, 2):
-            errors[a, b] += (acts[b] - saes[b].decode(codes[a])).double().pow(2).sum().item()
-            sums["cos", a, b] += F.cosine_similarity(codes[a], codes[b], dim=-1, eps=1e-8).sum().item()
-            active_a, active_b = codes[a] > 0, codes[b] > 0
-            union = (active_a | active_b).sum(-1).clamp_min(1)
-            sums["jaccard", a, b] += ((active_a & active_b).sum(-1) / union).sum().item()
-    tokens = moments[names[0]].n
-    out = {"tokens": tokens, "sources": {}, "pairs": {}}
-    for n in names:
-        out["sources"][n] = {"explained_variance": 1 - errors[n] / moments[n].variance(),
-                             "l0": sums["l0", n] / tokens, "dead_fraction": (~fired[n]).float().mean().item()}
-    for a, b in itertools.permutations(names, 2):
-        out["pairs"][f"{a}->{b}"] = {
-            # Dec_b(Enc_a(x_a)) against x_b: how well a's code stands in for b's.
-            "cross_explained_variance": 1 - errors[a, b] / moments[b].variance(),
-            "code_cosine": sums["cos", a, b] / tokens,
-            # The cosine can be carried by a few dense shared latents; the active-set overlap cannot.
-            "active_jaccard": sums["jaccard", a, b] / tokens,
-        }
-    return out
-
-
-def _tokens(batch: list[dict[str, torch.Tensor]]) -> int:
-    return next(iter(batch[0].values())).shape[0]
-
-
 @torch.no_grad()
 def start_from_file(sae: SparseAutoencoder, folder: str, x: torch.Tensor) -> None:
     """Make `sae` compute what the SAE in `folder` (saemerge, SAELens or sparsify format) computes, in the units
@@ -205,11 +103,33 @@ def start_from_file(sae: SparseAutoencoder, folder: str, x: torch.Tensor) -> Non
     sae.b_dec.copy_(src.b_dec * ratio)
 
 
+def init_saes(latent: LatentSpec, first: list[Batch], start_from: dict[str, list[str]],
+              generator: torch.Generator) -> list[dict[str, SparseAutoencoder]]:
+    """SAEs for every site and source, from the first batches (every process's tokens): started from the files
+    in `start_from` ({source: one folder per site}), else as `latent.init` says. With `init: data` latent j starts
+    as the same token in every source (see SparseAutoencoder.init_from_data)."""
+    tokens = sum(len(next(iter(batch[0].values()))) for batch in first)
+    rows = torch.randperm(tokens, generator=generator)[: latent.size] if latent.init == "data" else None
+    saes = []
+    for site in range(len(first[0])):
+        saes.append({})
+        for name in first[0][site]:
+            x = torch.cat([batch[site][name] for batch in first])
+            sae = new_sae(latent, x.shape[-1])
+            if name in start_from:
+                start_from_file(sae, start_from[name][site], x)
+            else:
+                sae.init_random(generator)
+                sae.init_from_data(x, rows)
+            saes[site][name] = sae
+    return saes
+
+
 class TrainingInterrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM during training; the message says where the checkpoint is."""
 
 
-class TrainingDiverged(RecipeError):
+class TrainingDiverged(UserError):
     """A non-finite loss: the run stops before anything non-finite is saved."""
 
 
@@ -233,177 +153,198 @@ class StopRequests:
             signal.signal(sig, handler)
 
 
-def new_sae(recipe: Recipe, d_in: int) -> SparseAutoencoder:
-    lat = recipe.latent
-    return SparseAutoencoder(SAEConfig(d_in=d_in, d_sae=lat.size, k=lat.k, activation=lat.activation, bias=lat.bias))
+class TrainingLog:
+    """training_log.jsonl, one JSON line per logged step; a resumed run drops the lines from `start` on."""
+
+    def __init__(self, path: Path | None, start: int):
+        self.file = None
+        if path is None or not distributed.is_main():
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] < start] \
+            if start and path.is_file() else []
+        path.write_text("".join(line + "\n" for line in kept))
+        self.file = open(path, "a")
+
+    def write(self, row: dict) -> None:
+        if self.file:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
 
 
-def init_saes(recipe: Recipe, names: list[str], first: list, rows, generator) -> list[dict[str, SparseAutoencoder]]:
-    """Fresh SAEs, one per site and source, initialised from the first batches (or started from files)."""
-    saes = []
-    for site in range(len(first[0])):
-        saes.append({})
-        for name in names:
-            x = torch.cat([batch[site][name] for batch in first])
-            sae = new_sae(recipe, x.shape[-1])
-            if recipe.source(name).sae:
-                start_from_file(sae, recipe.source(name).sae_folders[site], x)
-            else:
-                sae.init_random(generator)
-                sae.init_from_data(x, rows)
-            saes[site][name] = sae
-    return saes
+class Trainer:
+    """Everything a run changes, and what a checkpoint holds: SAEs, Adam, the schedule, the random generator,
+    which latents fired since the last resampling."""
+
+    def __init__(self, saes: list[dict[str, SparseAutoencoder]], latent: LatentSpec, train: TrainSpec, steps: int,
+                 device: torch.device, generator: torch.Generator):
+        self.saes = [{n: sae.to(device) for n, sae in site.items()} for site in saes]
+        self.latent, self.train, self.steps, self.generator = latent, train, steps, generator
+        self.every_sae = [sae for site in self.saes for sae in site.values()]
+        self.params = [p for sae in self.every_sae for p in sae.parameters()]
+        distributed.broadcast(self.params + [sae.act_scale for sae in self.every_sae])  # identical replicas
+        self.optimizer = torch.optim.Adam(self.params, lr=train.lr)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(step, steps))
+        self.fired = [torch.zeros(latent.size, dtype=torch.bool, device=device) for _ in saes]
+        self.resampled = 0
+        self.tokens_per_step = None  # activations in a step, all processes together
+
+    def resample(self, batch: Batch) -> None:
+        """Restart the latents that fired in no source since the last resampling, on the whole batch,
+        identically in every process."""
+        for site, acts in enumerate(batch):
+            distributed.or_masks(self.fired[site])
+            everyone = {n: distributed.gather_rows(x) for n, x in acts.items()}
+            self.resampled += resample_dead(self.saes[site], everyone, ~self.fired[site], self.optimizer,
+                                            self.generator)
+            self.fired[site].zero_()
+
+    def step(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
+        """One optimisation step on the batch; returns this process's share of the loss terms (summed over sites)."""
+        if resampling_due(step, self.steps, self.train.resample_every):
+            self.resample(batch)
+        device = self.fired[0].device
+        self.tokens_per_step = distributed.world() * len(next(iter(batch[0].values())))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.train.autocast):
+            site_parts = [loss_terms(self.latent, self.saes[site], acts, self.fired[site])
+                          for site, acts in enumerate(batch)]
+        parts = {key: sum(p[key] for p in site_parts) for key in site_parts[0]}
+        total = distributed.all_sum(parts["total"].detach())
+        if not torch.isfinite(total):
+            raise FloatingPointError(total.item())
+        self.optimizer.zero_grad(set_to_none=True)
+        parts["total"].backward()
+        distributed.sum_gradients(self.params)
+        for sae in self.every_sae:
+            sae.remove_parallel_grads()  # the gradient along a unit decoder row would only change its norm
+        self.optimizer.step()
+        self.schedule.step()
+        for sae in self.every_sae:
+            sae.normalize_decoder()
+        return parts
+
+    def save(self, folder: Path | None, step: int, settings: dict, **extra) -> None:
+        if folder and distributed.is_main():
+            checkpoint_io.save(folder, step, self.saes, self.optimizer, self.schedule, self.generator, self.fired,
+                               settings, resampled_latents=self.resampled, sources=list(self.saes[0]), **extra)
+
+    def restore(self, state: dict, tensors: dict[str, torch.Tensor]) -> None:
+        checkpoint_io.restore(state, tensors, self.saes, self.optimizer, self.schedule, self.generator, self.fired,
+                              self.train.lr)
+        self.resampled = state["resampled_latents"]
+
+    def finished(self) -> list[dict[str, SparseAutoencoder]]:
+        for sae in self.every_sae:
+            sae.eval()
+        return self.saes
 
 
-def train_saes(recipe: Recipe, sources: dict, paths: dict[str, list[str]], tokenizer,
-               log_path: str | Path | None = None, progress: bool = True, checkpoint: str | Path | None = None,
-               resume: bool = False) -> tuple[list[dict[str, SparseAutoencoder]], dict]:
-    """Train the aligned SAEs on the recipe's data: per site (position in the sources' layer lists), one SAE
-    per source sharing one latent space. Return them (site-major) and their final metrics.
+def default_settings(latent: LatentSpec, train: TrainSpec, steps: int) -> dict:
+    """What a resumed run must share with the interrupted one, when the caller names nothing else."""
+    train = train.model_dump(mode="json", exclude={"lr", "checkpoint_every", "log_every", "device"})
+    return {"latent": latent.model_dump(mode="json"), "train": train, "steps": steps}
 
-    With `checkpoint` (a folder), the state is saved every `train.checkpoint_every` steps, on SIGINT/SIGTERM
-    (then TrainingInterrupted is raised) and at the end; `resume` continues from it, and ends with the
-    weights an uninterrupted run would have. The training log is then `checkpoint/training_log.jsonl`.
-    With several processes (distributed.py) each trains on its share of every batch; only the first writes
-    checkpoints and logs and measures the final metrics (the others return empty metrics)."""
-    device = distributed.device(resolve_device(recipe.train.device))
-    main = distributed.is_main()
-    torch.manual_seed(recipe.train.seed)
-    generator = torch.Generator().manual_seed(recipe.train.seed)
-    batch_size = max(1, recipe.train.batch_tokens // recipe.data.seq_len)
-    steps = max(1, math.ceil(recipe.data.tokens / (batch_size * recipe.data.seq_len)))
+
+def _first_saes(batches: Iterator[Batch], latent: LatentSpec, start_from: dict[str, list[str]],
+                generator: torch.Generator) -> tuple[list[dict[str, SparseAutoencoder]], list[Batch]]:
+    """New SAEs from the first batches, and those batches (this process's share), which training then starts on."""
+    first, everyone = [], []
+    while not first or len(first) < init_batches(latent, len(next(iter(everyone[0][0].values())))):
+        first.append(next(batches))
+        everyone.append([{n: distributed.gather_rows(x) for n, x in site.items()} for site in first[-1]])
+    return init_saes(latent, everyone, start_from, generator), first
+
+
+def _saes_of_checkpoint(state: dict, tensors: dict, latent: LatentSpec, settings: dict) -> list[dict]:
+    """Empty SAEs of the checkpoint's sites, sources (in the run's order) and widths; restore fills them."""
+    names = state.get("sources") or [m["name"] for m in settings["models"]]
+    sites = 1 + max(int(key.split(".")[1]) for key in tensors if key.startswith("sae."))
+    return [{n: new_sae(latent, tensors[f"sae.{site}.{n}.W_enc"].shape[0]) for n in names} for site in range(sites)]
+
+
+def train_saes(stream: Callable[[int], Iterator[Batch]] | Iterable[Batch], latent: LatentSpec, train: TrainSpec,
+               steps: int, *, held_back: Iterable[Batch] | None = None, start_from: dict[str, list[str]] | None = None,
+               checkpoint: str | Path | None = None, resume: bool = False, settings: dict | None = None,
+               log_path: str | Path | None = None, progress: bool = True,
+               tokens_per_step: int | None = None) -> tuple[list[dict[str, SparseAutoencoder]], dict]:
+    """Train `steps` steps; return the SAEs (site-major: saes[site][source]) and their metrics, measured on the
+    `held_back` batches if given. `start_from`: {source: SAE folder per site} to start from instead of fresh.
+
+    With `checkpoint` (a folder) the state is saved every `train.checkpoint_every` steps, on SIGINT/SIGTERM (then
+    TrainingInterrupted is raised) and at the end; `resume` continues from it, ending with the weights an
+    uninterrupted run would have, provided `settings` (default: latent, train and steps) are the same. The log goes
+    to `log_path` (default: checkpoint/training_log.jsonl); `tokens_per_step` is what it counts per step (default:
+    the activations trained on). Only the first of several processes checkpoints, logs and measures."""
+    device = distributed.device(resolve_device(train.device))
+    torch.manual_seed(train.seed)
+    generator = torch.Generator().manual_seed(train.seed)
     checkpoint = Path(checkpoint) if checkpoint else None
-    settings = checkpoint_io.training_settings(recipe)
-    if checkpoint and log_path is None:
-        log_path = checkpoint / "training_log.jsonl"
-    if not main:
-        log_path = None
-
-    def stream(start: int):
-        return activation_batches(recipe, sources, paths, tokenizer, batch_size // distributed.world(), start,
-                                  distributed.rank(), distributed.world())
-
-    # Enough first batches (of every process) to give every latent its own token when initialising from data.
-    tokens_per_batch = batch_size * (recipe.data.seq_len - 1)  # position 0 is left out
-    n_first = math.ceil(recipe.latent.size / tokens_per_batch) if recipe.latent.init == "data" else 1
+    settings = default_settings(latent, train, steps) if settings is None else settings
+    open_stream = stream if callable(stream) else lambda start: itertools.islice(iter(stream), start, None)
+    start, state = 0, None
     if resume:
         state, tensors = checkpoint_io.load(checkpoint, settings)
-        start = state["step"]
-        n_sites = len(next(iter(paths.values())))
-        saes = [{n: new_sae(recipe, tensors[f"sae.{site}.{n}.W_enc"].shape[0]) for n in sources}
-                for site in range(n_sites)]  # weights, optimizer and random states: restored below
-        batches = stream(start)
-    else:
-        start = 0
-        batches = stream(0)
-        first = [next(batches) for _ in range(n_first)]
-        everyone = [[{n: distributed.gather_rows(x) for n, x in site.items()} for site in b] for b in first]
-        rows = torch.randperm(_tokens(everyone[0]) * len(everyone), generator=generator)[: recipe.latent.size] \
-            if recipe.latent.init == "data" else None
-        saes = init_saes(recipe, list(sources), everyone, rows, generator)
-        batches = itertools.chain(first, batches)
-    saes = [{n: group[n].to(device) for n in sources} for group in saes]
-    every_sae = [sae for site in saes for sae in site.values()]
-    params = [p for sae in every_sae for p in sae.parameters()]
-    distributed.broadcast(params + [sae.act_scale for sae in every_sae])  # identical replicas
-    optimizer = torch.optim.Adam(params, lr=recipe.train.lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)))
-    fired = [torch.zeros(recipe.latent.size, dtype=torch.bool, device=device) for _ in saes]
-    resampled = 0
-    if resume:
-        checkpoint_io.restore(state, tensors, saes, optimizer, schedule, generator, fired, recipe.train.lr)
-        resampled = state["resampled_latents"]
+        start, batches = state["step"], open_stream(state["step"])
+        trainer = Trainer(_saes_of_checkpoint(state, tensors, latent, settings), latent, train, steps, device,
+                          generator)
+        trainer.restore(state, tensors)
         if state.get("metrics"):  # training had finished: nothing left to do
-            return _finish(saes), state["metrics"]
+            return trainer.finished(), state["metrics"]
+    else:
+        batches = open_stream(0)
+        saes, first = _first_saes(batches, latent, start_from or {}, generator)
+        trainer = Trainer(saes, latent, train, steps, device, generator)
+        batches = itertools.chain(first, batches)
+    log_path = Path(log_path) if log_path else checkpoint / "training_log.jsonl" if checkpoint else None
+    _run_steps(trainer, batches, start, TrainingLog(log_path, start), checkpoint, settings, progress, tokens_per_step)
+    if not distributed.is_main():
+        return trainer.finished(), {}
+    metrics = {}
+    if held_back is not None:
+        held = [[{n: x.to(device) for n, x in site.items()} for site in batch] for batch in held_back]
+        metrics["sites"] = [measure(trainer.saes[site], [batch[site] for batch in held])
+                            for site in range(len(trainer.saes))]
+    per_step = tokens_per_step or trainer.tokens_per_step
+    metrics |= {"steps": steps, "train_tokens": steps * per_step if per_step else None,
+                "resampled_latents": trainer.resampled}
+    trainer.save(checkpoint, steps, settings, metrics=metrics)  # a run stopped later resumes from here
+    return trainer.finished(), metrics
 
-    def save_checkpoint(step_done: int, **extra) -> None:
-        if checkpoint and main:
-            checkpoint_io.save(checkpoint, step_done, saes, optimizer, schedule, generator, fired, settings,
-                               resampled_latents=resampled, **extra)
 
-    if log_path:
-        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-        kept = [line for line in Path(log_path).read_text().splitlines()
-                if json.loads(line)["step"] < start] if resume and Path(log_path).is_file() else []
-        Path(log_path).write_text("".join(line + "\n" for line in kept))
-    log = open(log_path, "a") if log_path else None
-    bar = tqdm(range(start, steps), desc="training SAEs", disable=not (progress and main), unit="step",
-               initial=start, total=steps)
-    last_saved = start if resume else None
+def _run_steps(trainer: Trainer, batches: Iterator[Batch], start: int, log: TrainingLog, checkpoint: Path | None,
+               settings: dict, progress: bool, tokens_per_step: int | None) -> None:
+    steps, train, device = trainer.steps, trainer.train, trainer.fired[0].device
+    last_saved = start if start else None
+    bar = tqdm(range(start, steps), desc="training SAEs", disable=not (progress and distributed.is_main()),
+               unit="step", initial=start, total=steps)
     with StopRequests() as stop:
         for step in bar:
             batch = [{n: x.to(device) for n, x in acts.items()} for acts in next(batches)]
-            every = recipe.train.resample_every
-            if every and step % every == 0 and 0 < step < 0.8 * steps:  # leave the last fifth to settle
-                for site, acts in enumerate(batch):  # on the whole batch, identically in every process
-                    distributed.or_masks(fired[site])
-                    everyone = {n: distributed.gather_rows(x) for n, x in acts.items()}
-                    resampled += resample_dead(saes[site], everyone, ~fired[site], optimizer, generator)
-                    fired[site].zero_()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=recipe.train.autocast):
-                site_parts = [losses(recipe, saes[site], acts, fired[site]) for site, acts in enumerate(batch)]
-            parts = {key: sum(p[key] for p in site_parts) for key in site_parts[0]}
-            total = distributed.all_sum(parts["total"].detach())
-            if not torch.isfinite(total):
+            try:
+                parts = trainer.step(batch, step)
+            except FloatingPointError as e:
                 then = (f"continue from the last good checkpoint, '{checkpoint}' (after step {last_saved}), with "
                         "--resume (train.lr may change on resume)" if last_saved is not None else "run again")
-                raise TrainingDiverged(f"train: the loss became {total.item()} at step {step}; stopped "
-                                       f"before saving anything non-finite. Expected a finite loss: lower train.lr "
-                                       f"and {then}")
-            optimizer.zero_grad(set_to_none=True)
-            parts["total"].backward()
-            distributed.sum_gradients(params)
-            for sae in every_sae:
-                sae.remove_parallel_grads()
-            optimizer.step()
-            schedule.step()
-            for sae in every_sae:
-                sae.normalize_decoder()
-            if step % recipe.train.log_every == 0 or step == steps - 1:
-                row = {"step": step, "tokens": (step + 1) * batch_size * recipe.data.seq_len,
+                raise TrainingDiverged(f"train: the loss became {e} at step {step}; stopped before saving anything "
+                                       f"non-finite. Expected a finite loss: lower train.lr and {then}") from None
+            if step % train.log_every == 0 or step == steps - 1:
+                row = {"step": step, "tokens": (step + 1) * (tokens_per_step or trainer.tokens_per_step),
                        **{k: distributed.all_sum(v.detach()).item() for k, v in parts.items()}}
-                bar.set_postfix(fvu=f"{row['recon'] / len(every_sae):.3f}", align=f"{row['align']:.3f}")
-                if log:
-                    log.write(json.dumps(row) + "\n")
-                    log.flush()
-            every = recipe.train.checkpoint_every
+                bar.set_postfix(fvu=f"{row['recon'] / len(trainer.every_sae):.3f}", align=f"{row['align']:.3f}")
+                log.write(row)
             stopping = distributed.any_true(stop.signal is not None)  # every process stops at the same step
+            every = train.checkpoint_every
             if stopping or (every and (step + 1) % every == 0 and step + 1 < steps):
-                for f in fired:
-                    distributed.or_masks(f)
-                save_checkpoint(step + 1)
+                for fired in trainer.fired:  # every process's, so that a resumed run resamples the same latents
+                    distributed.or_masks(fired)
+                trainer.save(checkpoint, step + 1, settings)
                 last_saved = step + 1
             if stopping:
                 why = stop.signal or "a stop request to another process"
                 raise TrainingInterrupted(f"{why} at step {step + 1} of {steps}; checkpoint in '{checkpoint}'"
                                           if checkpoint else f"{why} at step {step + 1} of {steps}")
-    if log:
-        log.close()
-    if not main:
-        return _finish(saes), {}
-
-    # Held back: whole batches (as one process forms them) from the first shuffle block no training or
-    # initialisation batch drew tokens from, unshuffled, so that no more is harvested than measured.
-    block = recipe.train.shuffle_batches
-    unseen = math.ceil(max(steps, n_first) / block) * block
-    batches = activation_batches(recipe, sources, paths, tokenizer, batch_size, unseen, shuffle=False)
-    sites = [[] for _ in saes]
-    tokens = 0
-    while tokens < recipe.train.eval_tokens:  # eval_tokens activations are kept; codes only batch by batch
-        batch = next(batches)
-        tokens += _tokens(batch)
-        for site, acts in enumerate(batch):
-            sites[site].append({n: x.to(device) for n, x in acts.items()})
-    metrics = {"sites": [{"layers": {n: paths[n][site] for n in sources}, **measure(saes[site], sites[site])}
-                         for site in range(len(saes))],
-               "steps": steps, "train_tokens": steps * batch_size * recipe.data.seq_len, "resampled_latents": resampled}
-    save_checkpoint(steps, metrics=metrics)  # a run stopped later (calibration, saving) resumes from here
-    return _finish(saes), metrics
-
-
-def _finish(saes: list[dict[str, SparseAutoencoder]]) -> list[dict[str, SparseAutoencoder]]:
-    for site in saes:
-        for sae in site.values():
-            sae.eval()
-    return saes
+    log.close()

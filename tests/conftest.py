@@ -14,7 +14,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from saemerge import build_merged, load_source, parse_recipe, train_saes, validate
+from saemerge import build_merged, load_source, parse_recipe, train_from_recipe, validate
 
 REPO = Path(__file__).resolve().parent.parent
 PROSE = REPO / "eval/data/prose/validation.jsonl.gz"
@@ -202,7 +202,7 @@ def merges(zoo, tmp_path_factory):
         recipe = parse_recipe(raw)
         paths = validate(recipe)
         sources = {s.name: load_source(s) for s in recipe.models}
-        saes, _ = train_saes(recipe, sources, paths, AutoTokenizer.from_pretrained(zoo["gpt2"]), progress=False)
+        saes, _ = train_from_recipe(recipe, sources, paths, AutoTokenizer.from_pretrained(zoo["gpt2"]), progress=False)
         model = build_merged(recipe, sources, saes, paths)
         if kind == "router":  # calibrated-looking parameters, so that gates and router matter
             torch.manual_seed(0)

@@ -114,16 +114,16 @@ def test_an_existing_output_is_kept_without_overwrite(zoo, tmp_path, write_recip
 
 def test_output_appearing_during_the_merge_is_not_replaced(zoo, tmp_path, write_recipe, monkeypatch, capsys):
     """validate checks before training; whatever another process writes there meanwhile is kept too."""
-    merge = sys.modules["saemerge.merge"]  # the module; `saemerge.merge` is the function
+    merge = sys.modules["saemerge.pipeline"]
     output = tmp_path / "out"
-    train = merge.train_saes
+    train = merge.train_from_recipe
 
     def train_then_occupy(*args, **kwargs):
         result = train(*args, **kwargs)
         output.mkdir()
         return result
 
-    monkeypatch.setattr(merge, "train_saes", train_then_occupy)
+    monkeypatch.setattr(merge, "train_from_recipe", train_then_occupy)
     recipe = write_recipe(recipe_dict(zoo["gpt2"], zoo["llama"], output, data__tokens=1024))
     assert main(["merge", str(recipe), "--no-eval", "--quiet"]) == 2
     assert f"output: '{output}' appeared while merging" in capsys.readouterr().err

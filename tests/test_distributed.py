@@ -101,5 +101,6 @@ def test_two_processes_stopped_by_sigterm_resume_to_the_uninterrupted_weights(zo
     result = launch(["merge", str(tmp_path / "stopped.yaml"), "--quiet", "--no-eval", "--resume"])
     assert result.returncode == 0, result.stderr[-3000:]
     a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(tmp_path / "stopped" / "model.safetensors")
+    assert a and a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key

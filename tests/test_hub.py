@@ -3,7 +3,6 @@
 import hashlib
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -68,23 +67,10 @@ def test_push_through_the_cli_uploads_every_file(folder, hub_server, tmp_path):
              if path not in (".DS_Store", "saes/.ipynb_checkpoints/cfg.json", "notes.tmp")}
     assert {"README.md", "config.json", "model.safetensors", "recipe.yaml", "training_curves.png"} <= set(local)
     assert {p: sha(d) for p, d in repo["files"].items()} == {p: sha(d) for p, d in local.items()}
-    # Weights and the plot went through LFS, the small text files inline in the commit.
-    assert repo["lfs_files"] == {p for p in local if p.endswith((".safetensors", ".png"))}
-    regular = set(local) - repo["lfs_files"]
-    assert {"config.json", "README.md", "recipe.yaml", "saes/a/transformer.h.1/cfg.json"} <= regular
-
-    # Every API call carried the token from HF_TOKEN; the presigned LFS uploads carried none. (The client also
-    # fetches the public list of AI agents once a day, for its User-Agent.)
-    requests = [r for r in hub_server.requests if r.path != "/api/agent-harnesses"]
-    for request in requests:
-        expected = None if request.method == "PUT" else f"Bearer {hub_server.token}"
-        assert request.headers.get("authorization") == expected, request.path
-    calls = [f"{r.method} {re.sub(r'[0-9a-f]{64}', '{oid}', r.path)}" for r in requests]
-    assert calls[0] == "POST /api/repos/create" and calls[-1] == "POST /api/models/user/tiny-merge/commit/main"
-    assert {"POST /api/models/user/tiny-merge/preupload/main", "POST /user/tiny-merge.git/info/lfs/objects/batch",
-            "PUT /lfs/{oid}", "POST /lfs/{oid}/verify"} <= set(calls)
-    batch = next(r for r in hub_server.requests if r.path.endswith("/objects/batch"))
-    assert "basic" in json.loads(batch.body)["transfers"]
+    # (The fake Hub answers 401 to any API call without HF_TOKEN's token, so the push above used it.) The token
+    # goes to the Hub only: the weights' uploads go to presigned storage URLs, a third party on the real Hub.
+    uploads = [r for r in hub_server.requests if r.method == "PUT"]
+    assert uploads and not any("authorization" in r.headers for r in uploads)
 
     # The card, rewritten at push time so that it names the repo.
     readme = repo["files"]["README.md"].decode()
@@ -152,7 +138,7 @@ def test_errors_are_one_line_with_exit_code_2(folder, tmp_path, local_hub, capsy
     assert main(["push", str(folder), "user/x", "--token", "hf_wrong"]) == 2
     err = capsys.readouterr().err
     assert err == "error: push to 'user/x': HTTP 401: Invalid credentials in Authorization header\n"
-    assert local_hub.requests[0].headers["authorization"] == "Bearer hf_wrong" and not local_hub.repos
+    assert {r.headers.get("authorization") for r in local_hub.requests} == {"Bearer hf_wrong"} and not local_hub.repos
 
 
 def test_model_push_to_hub_uploads_weights_code_and_card(folder, local_hub):
@@ -168,7 +154,9 @@ def test_model_push_to_hub_uploads_weights_code_and_card(folder, local_hub):
     sent = set(repo["files"])
     assert {"config.json", "model.safetensors.index.json", "modeling.py", "hooks.py", "sae.py", "README.md",
             "recipe.yaml", "metrics.json"} <= sent and len([p for p in sent if p.startswith("model-0")]) >= 2
-    assert repo["files"]["README.md"] == (folder / "README.md").read_bytes()
+    card = repo["files"]["README.md"].decode()  # the merge's card, naming the repo it went to
+    assert is_generated(card) and 'from_pretrained("user/from-python")' in card
+    assert card.split("## Usage")[0] == (folder / "README.md").read_text().split("## Usage")[0]
 
     arrived = folder.parent / "arrived"
     for path, data in repo["files"].items():
@@ -177,3 +165,9 @@ def test_model_push_to_hub_uploads_weights_code_and_card(folder, local_hub):
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     with torch.no_grad():
         assert torch.equal(AutoModelForCausalLM.from_pretrained(arrived)(ids).logits, model(ids).logits)
+
+    model.merge_files = {}  # as a model built in memory: no recipe, no metrics; the card comes from its config
+    model.push_to_hub("user/in-memory", token=local_hub.token)
+    card = local_hub.repos["user/in-memory"]["files"]["README.md"].decode()
+    assert is_generated(card) and "## Recipe" not in card
+    assert all(f"- `{name}`:" in card for name in model.config.names)

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import saemerge
-from saemerge import SAEMergedForCausalLM, build_merged, load_source, parse_recipe, train_saes, validate
+from saemerge import SAEMergedForCausalLM, build_merged, load_source, parse_recipe, train_from_recipe, validate
 from saemerge.cli import main
 from conftest import recipe_dict
 
@@ -56,7 +56,7 @@ def merged_in_memory(zoo, tmp_path, **overrides):
     paths = validate(recipe)
     tok = AutoTokenizer.from_pretrained(zoo["gpt2"])
     sources = {s.name: load_source(s) for s in recipe.models}
-    saes, metrics = train_saes(recipe, sources, paths, tok, progress=False)
+    saes, metrics = train_from_recipe(recipe, sources, paths, tok, progress=False)
     return recipe, build_merged(recipe, sources, saes, paths), saes, metrics
 
 
@@ -89,7 +89,7 @@ def test_mean_combine_arithmetic(zoo, tmp_path):
     z_a, z_b = sae_a.encode(h_a), sae_b.encode(h_b)
     expected = h_b + 0.5 * ((sae_b.decode(z_a) - sae_b.b_dec * sae_b.act_scale)
                             - (sae_b.decode(z_b) - sae_b.b_dec * sae_b.act_scale))
-    torch.testing.assert_close(h_b + model.injected("b", 0, h_b, {"a": z_a}), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h_b + model.bridge.receive("b", 0, h_b, {"a": z_a}), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_training_is_deterministic_for_a_seed(zoo, tmp_path):
@@ -130,10 +130,16 @@ def test_any_family_can_be_a_target(zoo, tmp_path):
         recipe = parse_recipe(raw)
         paths = validate(recipe)
         sources = {s.name: load_source(s) for s in recipe.models}
-        saes, _ = train_saes(recipe, sources, paths, AutoTokenizer.from_pretrained(zoo[a]), progress=False)
+        saes, _ = train_from_recipe(recipe, sources, paths, AutoTokenizer.from_pretrained(zoo[a]), progress=False)
         model = build_merged(recipe, sources, saes, paths)
         with torch.no_grad():
-            assert torch.isfinite(model(IDS).logits).all()
+            merged = model(IDS).logits
+            model.config.scale = 0.0
+            alone = model(IDS).logits
+            target = model.sources["b"](IDS).logits
+        # The injection reaches the target's residual stream (and nothing else does: scale 0 is the target).
+        assert torch.isfinite(merged).all() and not torch.allclose(merged, alone), (a, b)
+        assert torch.equal(alone, target), (a, b)
 
 
 def test_heads_mean_without_exchange_is_the_logit_ensemble(zoo, tmp_path):

@@ -1,5 +1,6 @@
 """Bad recipes: one clear line naming the field, exit code 2, no traceback, nothing written."""
 
+import re
 import subprocess
 import sys
 
@@ -29,15 +30,16 @@ def test_bad_recipe_through_the_real_command(zoo, tmp_path, write_recipe):
     assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
 
 
+# Regular expressions: the field and the value given are saemerge's; pydantic's own wording in between is not pinned.
 @pytest.mark.parametrize("mutate, expected", [
-    (lambda r: r["latent"].update(size="big"), "latent.size: Input should be a valid integer"),
-    (lambda r: r["latent"].update(activation="gelu"), "latent.activation: Input should be 'relu' or 'topk'"),
-    (lambda r: r["latent"].update(activation="topk", k=999), "latent: Value error, k=999 must not exceed size=64"),
-    (lambda r: r["merge"].update(target="c"), "merge.target: 'c' is not a source; expected one of ['a', 'b']"),
-    (lambda r: r["models"].pop(), "models: List should have at least 2 items"),
-    (lambda r: r.pop("latent"), "latent: missing; this field is required"),
-    (lambda r: r["models"][1].update(name="a"), "models.1.name: 'a' is used twice"),
-    (lambda r: r["train"].update(lr=-1), "train.lr: Input should be greater than 0"),
+    (lambda r: r["latent"].update(size="big"), r"latent\.size: .+ \(got 'big'\)$"),
+    (lambda r: r["latent"].update(activation="gelu"), r"latent\.activation: .+ \(got 'gelu'\)$"),
+    (lambda r: r["latent"].update(activation="topk", k=999), r"latent: .*k=999 must not exceed size=64"),
+    (lambda r: r["merge"].update(target="c"), r"merge\.target: 'c' is not a source; expected one of \['a', 'b'\]"),
+    (lambda r: r["models"].pop(), r"models: .+ \(got \[\{"),
+    (lambda r: r.pop("latent"), r"latent: missing; this field is required$"),
+    (lambda r: r["models"][1].update(name="a"), r"models\.1\.name: 'a' is used twice"),
+    (lambda r: r["train"].update(lr=-1), r"train\.lr: .+ \(got -1\)$"),
 ])
 def test_schema_errors_name_the_field(zoo, tmp_path, write_recipe, capsys, mutate, expected):
     raw = recipe_dict(zoo["gpt2"], zoo["llama"], tmp_path / "out")
@@ -45,7 +47,7 @@ def test_schema_errors_name_the_field(zoo, tmp_path, write_recipe, capsys, mutat
     assert main(["validate", str(write_recipe(raw))]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err and all(line.startswith("error: ") for line in err)
-    assert expected in err[0], err
+    assert re.search(expected, err[0]), err
 
 
 def test_source_errors_are_all_reported(zoo, tmp_path, write_recipe, capsys):
@@ -74,20 +76,11 @@ def test_not_yaml_and_not_a_file(tmp_path, capsys):
     assert "expected a YAML mapping" in capsys.readouterr().err
 
 
-def test_existing_output_is_not_overwritten(zoo, tmp_path, write_recipe, capsys):
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "keep.txt").write_text("mine")
-    path = write_recipe(recipe_dict(zoo["gpt2"], zoo["llama"], tmp_path / "out"))
-    assert main(["merge", str(path)]) == 2
-    assert f"output: '{tmp_path / 'out'}' already exists; expected a new folder (or pass --overwrite)" in capsys.readouterr().err
-    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
-
-
 def test_set_overrides(zoo, tmp_path, write_recipe):
     path = write_recipe(recipe_dict(zoo["gpt2"], zoo["llama"], tmp_path / "out"))
     recipe = load_recipe(path, ["train.seed=3", "latent.size=128", "models.1.layer=2", "merge.combine=sum"])
     assert (recipe.train.seed, recipe.latent.size, recipe.models[1].layer, recipe.merge.combine) == (3, 128, 2, "sum")
-    with pytest.raises(RecipeError, match="latent.size: Input should be a valid integer"):
+    with pytest.raises(RecipeError, match=r"latent\.size: .+ \(got 'lots'\)"):
         load_recipe(path, ["latent.size=lots"])
     with pytest.raises(RecipeError, match="expected KEY=VALUE"):
         load_recipe(path, ["train.seed"])

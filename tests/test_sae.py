@@ -1,7 +1,7 @@
 import torch
 
 from saemerge import SAEConfig, SparseAutoencoder
-from saemerge.train import fvu
+from saemerge.losses import fvu
 
 
 def test_topk_keeps_k_and_relu_is_nonnegative():
@@ -57,34 +57,6 @@ def test_fvu_is_one_minus_explained_variance():
     x = torch.randn(100, 4)
     assert abs(fvu(x, x.mean(0).expand_as(x)).item() - 1) < 1e-6
     assert fvu(x, x).item() == 0
-
-
-def test_resampling_restarts_dead_latents_on_the_same_tokens_in_every_source():
-    from saemerge.train import resample_dead
-
-    torch.manual_seed(0)
-    x = {"a": torch.randn(200, 8), "b": torch.randn(200, 12) * 3}
-    saes = {n: SparseAutoencoder(SAEConfig(d_in=v.shape[1], d_sae=32)) for n, v in x.items()}
-    dead = torch.zeros(32, dtype=torch.bool)
-    dead[[3, 7, 11]] = True
-    for n, sae in saes.items():
-        sae.init_from_data(x[n], torch.arange(32))
-        with torch.no_grad():
-            sae.b_enc[dead] = -1e6  # these latents can never fire
-        assert not (sae.encode(x[n])[:, dead] > 0).any()
-    with torch.no_grad():
-        errors = {n: x[n] / sae.act_scale - sae.decode(sae.encode(x[n])) / sae.act_scale for n, sae in saes.items()}
-    optimizer = torch.optim.Adam([p for s in saes.values() for p in s.parameters()])
-    assert resample_dead(saes, x, dead, optimizer, torch.Generator().manual_seed(0)) == 3
-    fires = {n: sae.encode(x[n])[:, dead] > 0 for n, sae in saes.items()}
-    assert all(f.any(0).all() for f in fires.values())  # every restarted latent fires again in both sources
-    # Aligned restart: each restarted latent's decoder row is the error of one token, the same in both sources.
-    tokens = {}
-    for n, sae in saes.items():
-        cos = torch.nn.functional.normalize(sae.W_dec[dead], dim=-1) @ torch.nn.functional.normalize(errors[n], dim=-1).T
-        assert torch.allclose(cos.max(-1).values, torch.ones(3), atol=1e-5)
-        tokens[n] = cos.argmax(-1)
-    assert torch.equal(tokens["a"], tokens["b"])
 
 
 def test_sparse_topk_training_path_matches_dense_autograd():

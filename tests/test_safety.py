@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from saemerge import RecipeError, load_source
 from saemerge.cli import main
 from saemerge.evaluate import load_merged
-from saemerge.merge import inside
+from saemerge.files import inside
 from saemerge.recipe import SourceSpec
 from conftest import CODE, REPO, recipe_dict
 
@@ -91,9 +91,9 @@ def test_every_bad_source_and_dataset_is_reported_at_once(zoo, bad, tmp_path, ca
     before = files_under(tmp_path)
     assert main(["validate", str(recipe)]) == 2
     errors = errors_of(capsys)
-    # Then safetensors' own words, which change between its releases ("MetadataIncompleteBuffer" before 0.6).
+    # Then safetensors' own words, which are safetensors' and change between its releases: not pinned.
     assert errors.pop(1).startswith(f"models.1.model: '{bad['truncated'] / 'model.safetensors'}' is not a readable "
-                                    "safetensors file: Error while deserializing header: ")
+                                    "safetensors file: ")
     assert errors == [
         f"models.0.model: '{bad['pickled']}' holds pytorch_model.bin, a pickle (loading it can run code); "
         + PICKLE_HINT,
@@ -240,8 +240,8 @@ def test_names_cannot_write_outside_the_output(zoo, tmp_path, capsys):
     raw["models"][1]["layer"] = "../x"
     raw["merge"]["target"] = "../x"
     assert main(["validate", str(write(raw, tmp_path))]) == 2
-    assert errors_of(capsys) == [f"{tmp_path / 'recipe.yaml'}: models.0.name: String should match pattern "
-                                 "'^[A-Za-z_][A-Za-z0-9_-]*$' (got '../x')"]
+    [line] = errors_of(capsys)  # the name is refused first (pydantic's wording in between is not pinned)
+    assert line.startswith(f"{tmp_path / 'recipe.yaml'}: models.0.name: ") and line.endswith(" (got '../x')"), line
     raw["models"][0]["name"] = "a"
     raw["merge"]["target"] = "a"
     assert main(["validate", str(write(raw, tmp_path))]) == 2

@@ -37,7 +37,6 @@ def test_gguf_source_loads_the_same_weights(gguf_source, tmp_path):
     model, root = gguf_source
     source = load_source(SourceSpec(name="g", model=str(root), gguf_file="tiny.gguf", layer=1))
     assert torch.equal(logits(source), logits(model))
-    assert "quantization_config" not in source.config.to_dict()
     # Dequantized for good: it saves as plain safetensors, as any source does.
     source.save_pretrained(tmp_path / "saved")
     assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "saved")), logits(model))
@@ -99,6 +98,5 @@ def test_sources_that_cannot_load_get_one_line_each(zoo, lora, gguf_source, toke
         "expected adapter_model.safetensors — convert it, or pass --allow-pickle if you trust the file",
         f"models.3.adapter: folder '{tmp_path / 'none'}' does not exist",
         f"models.4.gguf_file: '{root / 'missing.gguf'}' does not exist",
-        "models.5.model: cannot load",
-        "as a causal LM: GGUF model with architecture rwkv6 is not supported yet.",
+        f"models.5.model: cannot load '{unsupported}' as a causal LM: ",  # then transformers' words: not pinned
     )

@@ -115,11 +115,13 @@ def test_large_folders_are_sharded_with_an_index(folders):
 def test_loads_without_saemerge_with_trust_remote_code(folders, kind):
     folder = folders[kind]
     config = json.loads((folder / "config.json").read_text())
-    assert config["auto_map"] == {"AutoConfig": "modeling.SAEMergedConfig",
+    assert config["auto_map"] == {"AutoConfig": "configuration.SAEMergedConfig",
                                   "AutoModelForCausalLM": "modeling.SAEMergedForCausalLM"}
-    assert {"modeling.py", "hooks.py", "sae.py"} <= {p.name for p in folder.iterdir()}
+    code = {"modeling.py", "configuration.py", "cache.py", "wiring.py", "sae_bridge.py", "pretrained.py", "hooks.py",
+            "sae.py"}
+    assert {p.name for p in folder.glob("*.py")} == code  # the model's modules and nothing of the pipeline
     result = without_saemerge(folder, trust=True)
-    assert result["class"].startswith("transformers_modules.") and not result["saemerge"]
+    assert not result["saemerge"]  # the folder's own code ran: saemerge could not be imported
     assert torch.equal(torch.tensor(result["logits"]), logits(folders["self"]))
 
 
@@ -144,7 +146,8 @@ def test_bad_save_settings_are_one_line_each(zoo, tmp_path, write_recipe):
     result = subprocess.run([sys.executable, "-m", "saemerge", "validate", str(path)], capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
-    assert any("save.storage" in line for line in lines) and any("save.max_shard_size" in line for line in lines)
+    assert len(lines) == 2 and all(line.startswith("error: ") for line in lines), lines
+    assert "save.storage: " in lines[0] and "save.max_shard_size: " in lines[1], lines
 
 
 def test_a_missing_reference_is_named(folders, tmp_path):

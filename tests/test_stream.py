@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from saemerge.harvest import activation_batches, shuffled
-from saemerge.merge import validate
+from saemerge.harvest import recipe_batches, shuffled
+from saemerge import validate
 from saemerge.recipe import Recipe
 from saemerge.sources import load_source, load_tokenizer
-from saemerge.train import train_saes
+from saemerge.pipeline import train_from_recipe
 from conftest import recipe_dict
 
 
@@ -38,9 +38,9 @@ def pieces(zoo, tmp_path):
 
 def test_a_stream_started_mid_block_continues_the_full_one(pieces):
     recipe, sources, paths, tokenizer = pieces()
-    full = activation_batches(recipe, sources, paths, tokenizer, batch_size=4)
+    full = recipe_batches(recipe, sources, paths, tokenizer, batch_size=4)
     expected = [next(full) for _ in range(7)][4:]
-    later = activation_batches(recipe, sources, paths, tokenizer, batch_size=4, start=4)
+    later = recipe_batches(recipe, sources, paths, tokenizer, batch_size=4, start=4)
     for batch in expected:
         got = next(later)
         for name in ("a", "b"):
@@ -51,14 +51,14 @@ def test_cached_activations_replace_the_sources(pieces, tmp_path):
     """A second run with the same sources, layers and data reads every activation from the cache: its sources
     are never called and it trains bit-equal SAEs; another layer is another cache."""
     recipe, sources, paths, tokenizer = pieces(data__cache=str(tmp_path / "cache"))
-    first, _ = train_saes(recipe, sources, paths, tokenizer, progress=False)
+    first, _ = train_from_recipe(recipe, sources, paths, tokenizer, progress=False)
     [folder] = (tmp_path / "cache").iterdir()
     assert len(list(folder.glob("batch-*.safetensors"))) >= 6
 
     def refuse(module, args, kwargs):
         raise AssertionError("a source ran although its activations were cached")
     handles = [m.register_forward_pre_hook(refuse, with_kwargs=True) for m in sources.values()]
-    second, _ = train_saes(recipe, sources, paths, tokenizer, progress=False)
+    second, _ = train_from_recipe(recipe, sources, paths, tokenizer, progress=False)
     for handle in handles:
         handle.remove()
     for name in ("a", "b"):
@@ -67,7 +67,7 @@ def test_cached_activations_replace_the_sources(pieces, tmp_path):
 
     recipe, sources, paths, tokenizer = pieces(data__cache=str(tmp_path / "cache"))
     recipe.models[0].layer = 0
-    train_saes(recipe, sources, validate(recipe), tokenizer, progress=False)
+    train_from_recipe(recipe, sources, validate(recipe), tokenizer, progress=False)
     assert len(list((tmp_path / "cache").iterdir())) == 2
 
 
@@ -79,9 +79,9 @@ def test_a_cache_that_is_a_file_is_refused(pieces, tmp_path):
 
 def test_bf16_autocast_trains_as_well_as_float32(pieces):
     recipe, sources, paths, tokenizer = pieces()
-    _, full = train_saes(recipe, sources, paths, tokenizer, progress=False)
+    _, full = train_from_recipe(recipe, sources, paths, tokenizer, progress=False)
     recipe.train.autocast = True
-    saes, mixed = train_saes(recipe, sources, paths, tokenizer, progress=False)
+    saes, mixed = train_from_recipe(recipe, sources, paths, tokenizer, progress=False)
     assert all(p.dtype == torch.float32 for p in saes[0]["a"].parameters())
     for name in ("a", "b"):
         ev_full = full["sites"][0]["sources"][name]["explained_variance"]
