@@ -29,12 +29,16 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-# Edit freely. After train.py's split into losses.py and metrics.py, these become:
-#   "saemerge/losses.py:fvu,total_variance,cosine,loss_terms", "saemerge/metrics.py:Moments,measure",
-#   "saemerge/train.py:resample_dead,resampling_due"
+# The numeric core: every function that computes a number a user sees (SAE, loss, training loop, metrics,
+# harvesting, the bridge, the head mixture). Edit freely.
 TARGETS = ["saemerge/sae.py:-SparseAutoencoder.save,-SparseAutoencoder.load",
-           "saemerge/train.py:fvu,total_variance,cosine,losses,resample_dead,Moments,measure"]
-TESTS = "python -m pytest -x -q -p no:cacheprovider tests/test_sae.py"
+           "saemerge/losses.py",
+           "saemerge/metrics.py",
+           "saemerge/train.py:resampling_due,lr_factor,init_batches,resample_dead,init_saes,Trainer.resample,Trainer.step",
+           "saemerge/harvest.py:activations,shuffled",
+           "saemerge/sae_bridge.py:scaled_residuals,SAEBridge.__init__,SAEBridge.send,SAEBridge.receive",
+           "saemerge/modeling.py:mix_heads"]
+TESTS = "python -m pytest -x -q -p no:cacheprovider tests/test_maths.py tests/test_training_loop.py tests/test_sae.py"
 
 OPS = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.Pow: ast.Mult,
        ast.BitAnd: ast.BitOr, ast.BitOr: ast.BitAnd, ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE,

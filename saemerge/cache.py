@@ -37,3 +37,14 @@ class MergedCache(Cache):
     @property
     def is_compileable(self) -> bool:
         return False  # several caches under hooks: generate must not compile the forward
+
+
+def given_cache(cache, other_kwargs: dict) -> MergedCache | None:
+    """The cache a forward was given, checked: a MergedCache or None, and no Cache under any other name (running
+    without a cache that arrived under a new name gives other tokens, silently: refuse instead)."""
+    if unknown := [k for k, v in other_kwargs.items() if isinstance(v, Cache)]:
+        raise TypeError(f"the merged model's forward got a KV cache as {unknown}; it takes it as `cache` (or "
+                        "`past_key_values`)")
+    if cache is not None and not isinstance(cache, MergedCache):
+        raise TypeError(f"the KV cache of a merged model is a MergedCache (model.new_cache()), not a {type(cache).__name__}")
+    return cache

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from .errors import UserError
-from .recipe import RecipeError, load_recipe
+from .recipe import load_recipe
 
 
 def _recipe_args(p: argparse.ArgumentParser) -> None:

@@ -16,10 +16,10 @@ from contextlib import ExitStack
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, Cache, DynamicCache, GenerationMixin, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .cache import OUTPUT_CACHE, MergedCache, cache_argument
+from .cache import OUTPUT_CACHE, MergedCache, cache_argument, given_cache
 from .configuration import SAEMergedConfig
 from .hooks import ResidualHook, run_to_layers
 from .pretrained import MergedModelFiles
@@ -44,6 +44,21 @@ def mix_heads(log_weights: torch.Tensor, logits: list[torch.Tensor]) -> torch.Te
         log_probs = log_probs.add_(weight) if in_place else log_probs + weight
         mixed = log_probs if mixed is None else torch.logaddexp(mixed, log_probs, out=mixed if in_place else None)
     return mixed
+
+
+def onloaded(modules: list[nn.Module | None]) -> ExitStack:
+    """Brings the parts of `modules` that a device map offloaded (to CPU or disk) onto their execution device for
+    one forward: the merge calls the bridge's and the router's methods, and accelerate's offload hooks watch
+    forward only."""
+    stack = ExitStack()
+    parts = [part for module in modules if module is not None for part in module.modules()]
+    if any(p.device.type == "meta" for part in parts for p in part.parameters(recurse=False)):
+        from accelerate.utils import align_module_device, has_offloaded_params
+
+        for part in parts:
+            if has_offloaded_params(part):
+                stack.enter_context(align_module_device(part))
+    return stack
 
 
 class SAEMergedForCausalLM(MergedModelFiles, PreTrainedModel, GenerationMixin):
@@ -142,34 +157,13 @@ class SAEMergedForCausalLM(MergedModelFiles, PreTrainedModel, GenerationMixin):
             weights = torch.full((*input_ids.shape, len(cfg.names)), -math.log(len(cfg.names)))
         return mix_heads(weights, [outputs.pop(n)[0] for n in cfg.names])
 
-    def _onload(self) -> ExitStack:
-        """Brings the bridge's modules and the router, when a device map offloaded them (to CPU or disk), onto their
-        execution device for one forward: the merge calls their methods, and accelerate's offload hooks watch
-        forward only."""
-        stack = ExitStack()
-        parts = [part for module in [*self.bridge.modules().values(), self.router] if module is not None
-                 for part in module.modules()]
-        if any(p.device.type == "meta" for part in parts for p in part.parameters(recurse=False)):
-            from accelerate.utils import align_module_device, has_offloaded_params
-
-            for part in parts:
-                if has_offloaded_params(part):
-                    stack.enter_context(align_module_device(part))
-        return stack
-
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None, cache: MergedCache | None = None,
                 use_cache: bool | None = None, labels: torch.LongTensor | None = None,
                 past_key_values: MergedCache | None = None, **kwargs) -> CausalLMOutputWithPast:
         """`cache` (or `past_key_values`, its name before transformers 5.24): a MergedCache (`new_cache()`), made
         here when `use_cache` is set and none is given."""
-        cache = cache if cache is not None else past_key_values
-        if unknown := [k for k, v in kwargs.items() if isinstance(v, Cache)]:
-            # Running without a cache handed over under a new name gives other tokens, silently: refuse instead.
-            raise TypeError(f"{type(self).__name__}.forward got a KV cache as {unknown}; it takes it as `cache` "
-                            "(or `past_key_values`)")
-        if cache is not None and not isinstance(cache, MergedCache):
-            raise TypeError(f"the KV cache of a merged model is a MergedCache (model.new_cache()), not a {type(cache).__name__}")
+        cache = given_cache(cache if cache is not None else past_key_values, kwargs)
         if input_ids.shape[-1] == 0:  # no tokens, no logits (the sources' own forwards fail on an empty sequence)
             head = self.get_output_embeddings().weight
             return CausalLMOutputWithPast(logits=head.new_zeros(*input_ids.shape, len(head)), **{OUTPUT_CACHE: cache})
@@ -183,7 +177,7 @@ class SAEMergedForCausalLM(MergedModelFiles, PreTrainedModel, GenerationMixin):
                 kwargs[self.cache_arguments[name]] = cache.caches[f"{role}:{name}"]
             return kwargs
 
-        with self._onload():
+        with onloaded([*self.bridge.modules().values(), self.router]):
             logits = self._logits(input_ids, run)
         loss = None
         if labels is not None:

@@ -50,10 +50,10 @@ class SourceSpec(Strict):
 
 class LatentSpec(Strict):
     size: int = Field(gt=0, description="Number of latents shared by all SAEs.")
-    activation: Literal["relu", "topk"] = Field("relu", description="relu, or topk (keep the k largest).")
+    activation: Literal["relu", "topk"] = Field("topk", description="topk (keep the k largest), or relu (sparse only through `l1`; see [ReLU and L1](#relu-and-l1)).")
     k: int = Field(32, gt=0, description="Active latents per token for topk.")
     bias: bool = Field(True, description="Encoder and decoder biases.")
-    l1: float = Field(1e-3, ge=0, description="L1 penalty on the codes.")
+    l1: float = Field(0.0, ge=0, description="L1 penalty on the codes (per token, in units of the input scale); what makes relu codes sparse.")
     l2: float = Field(0.0, ge=0, description="L2 (squared) penalty on the codes.")
     align: float = Field(1.0, ge=0, description="Weight of mean (1 - cos) between the sources' codes of the same token.")
     cross: float = Field(0.0, ge=0, description="Weight of cross-reconstruction: decode each source's code with every other decoder.")

@@ -96,6 +96,9 @@ def recipe_reference(markdown: bool = True, fields: list[str] | None = None) -> 
         lines += [f"| `{name}` | {default} | {meaning} |" for name, default, meaning in rows]
         return "\n".join(lines) + "\n"
     width = min(shutil.get_terminal_size((100, 24)).columns, 100)
-    blocks = [f"{name}  ({'' if default == 'required' else 'default: '}{default})\n" + textwrap.fill(_plain(meaning), width, initial_indent="    ",
-                                                      subsequent_indent="    ") for name, default, meaning in rows]
+    blocks = []
+    for name, default, meaning in rows:
+        default = default if default == "required" else f"default: {default}"
+        blocks.append(f"{name}  ({default})\n" + textwrap.fill(_plain(meaning), width, initial_indent="    ",
+                                                               subsequent_indent="    "))
     return "\n".join(blocks) + "\n"

@@ -285,7 +285,7 @@ def train_saes(stream: Callable[[int], Iterator[Batch]] | Iterable[Batch], laten
     checkpoint = Path(checkpoint) if checkpoint else None
     settings = default_settings(latent, train, steps) if settings is None else settings
     open_stream = stream if callable(stream) else lambda start: itertools.islice(iter(stream), start, None)
-    start, state = 0, None
+    start = 0
     if resume:
         state, tensors = checkpoint_io.load(checkpoint, settings)
         start, batches = state["step"], open_stream(state["step"])

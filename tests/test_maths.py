@@ -138,7 +138,7 @@ def three_sources():
 
 def only(**weights):
     """A LatentSpec with every loss weight 0 except those given."""
-    return LatentSpec(size=6, **{"l1": 0.0, "l2": 0.0, "align": 0.0, "cross": 0.0, **weights})
+    return LatentSpec(size=6, activation="relu", **{"l1": 0.0, "l2": 0.0, "align": 0.0, "cross": 0.0, **weights})
 
 
 def test_recon_is_the_sum_of_the_sources_fvus(three_sources):
@@ -230,7 +230,7 @@ def parts(zoo):
     sources = {"a": AutoModelForCausalLM.from_pretrained(zoo["gpt2"]).eval(),
                "b": AutoModelForCausalLM.from_pretrained(zoo["llama"]).eval()}
     layers = {n: [resolve_layer(m, 1)] for n, m in sources.items()}
-    latent = LatentSpec(size=32)
+    latent = LatentSpec(size=32, activation="relu")
     saes = [{}]
     for i, (n, m) in enumerate(sources.items()):
         saes[0][n] = new_sae(latent, m.config.hidden_size)
