@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from .errors import RecipeError
 from .hooks import find_blocks
 from .pretrained import load_pretrained_source
-from .errors import RecipeError
 from .recipe import SourceSpec
 
 

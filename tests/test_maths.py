@@ -125,6 +125,16 @@ def test_every_metric_over_several_batches_equals_the_whole_by_hand():
     assert out["pairs"]["a->b"]["active_jaccard"] < 0.9  # the check above can tell overlap from union / union
 
 
+def test_small_codes_fire_and_a_token_active_nowhere_has_jaccard_zero():
+    """A latent whose codes stay below 1 still counts as firing; a token with no active latent in either source
+    adds 0 to the Jaccard mean (not 0/0)."""
+    sae = hand_sae([[0.5, 0.0]], [[1.0], [1.0]], [0.0, 0.0], [0.0])  # latent 0 = x / 2 where positive; 1 never
+    x = torch.tensor([[1.0], [-1.0]], dtype=torch.float64)
+    out = measure({"a": sae, "b": sae}, [{"a": x, "b": x}])
+    assert out["sources"]["a"]["dead_fraction"] == 0.5 and out["sources"]["a"]["l0"] == 0.5
+    assert out["pairs"]["a->b"]["active_jaccard"] == 0.5
+
+
 # --- loss terms --------------------------------------------------------------------------------------------------
 @pytest.fixture
 def three_sources():
@@ -201,6 +211,30 @@ def test_fired_is_or_ed_with_the_latents_active_in_any_source(three_sources):
     assert fired.tolist() == [True, True, True, True, False, True]
 
 
+def test_unweighted_and_lone_terms_are_zero(three_sources):
+    """Terms of weight 0 are not computed (0 in the training log), and one source alone has nothing to align or
+    cross-reconstruct."""
+    saes, acts = three_sources
+    parts = loss_terms(only(), saes, acts)
+    assert parts["align"].item() == 0 and parts["cross"].item() == 0
+    alone = loss_terms(only(align=1.0, cross=1.0), {"a": saes["a"]}, {"a": acts["a"]})
+    assert alone["align"].item() == 0 and alone["cross"].item() == 0
+    assert alone["total"].item() == pytest.approx(alone["recon"].item())
+
+
+def test_mark_fired_by_hand():
+    """A latent fired if its code is above zero on some token, dense or (values, indices); a TopK latent chosen
+    at zero (fewer than k positive) did not fire."""
+    from saemerge.losses import mark_fired
+
+    fired = torch.tensor([True, False, False, False])
+    mark_fired(fired, torch.tensor([[0.0, 0.5, 0.0, 0.0], [0.0, 0.0, 0.25, 0.0]]))
+    assert fired.tolist() == [True, True, True, False]
+    fired = torch.zeros(4, dtype=torch.bool)
+    mark_fired(fired, (torch.tensor([[0.5, 0.0], [0.0, 0.25]]), torch.tensor([[1, 2], [0, 3]])))
+    assert fired.tolist() == [False, True, False, True]
+
+
 def test_topk_sparse_codes_give_the_loss_of_dense_codes():
     """The (values, indices) TopK path gives every term of the dense hand computation, `cosine` included."""
     names, widths = ["a", "b", "c"], [3, 4, 5]
@@ -267,3 +301,128 @@ def test_router_starts_uniform(parts):
     features = torch.randn(4, routed.router.in_features)
     torch.testing.assert_close(routed.router(features).softmax(-1), torch.full((4, 2), 0.5))
     torch.testing.assert_close(by_router, by_mean, rtol=1e-5, atol=1e-5)
+
+
+# --- the SAE itself ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("activation", ["relu", "topk"])
+def test_init_from_data_by_hand(activation):
+    """Input scale = mean norm / sqrt(d); b_dec = the mean of the scaled data; latent j = the scaled, centred token
+    rows[j], normalised; W_enc = c * W_dec^T with c the least-squares factor that sizes the first reconstruction."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(40, 6, generator=g, dtype=torch.float64) * 3 + 2
+    rows = torch.tensor([3, 17, 0, 29, 8, 11, 35, 21])
+    sae = SparseAutoencoder(SAEConfig(d_in=6, d_sae=8, activation=activation, k=3)).double()
+    sae.init_from_data(x, rows)
+
+    scale = x.norm(dim=-1).mean() / 6 ** 0.5
+    xs = x / scale
+    mean = xs.mean(0)
+    w = torch.stack([(xs[r] - mean) / (xs[r] - mean).norm() for r in rows.tolist()])
+    z = ((xs - mean) @ w.T).clamp_min(0)  # b_enc = 0, encoder = decoder transpose
+    if activation == "topk":
+        z = torch.where(z >= z.sort(dim=-1, descending=True).values[:, 2:3], z, 0.0)
+    recon = z @ w
+    c = ((xs - mean) * recon).sum() / (recon ** 2).sum()
+    torch.testing.assert_close(sae.act_scale, scale)
+    torch.testing.assert_close(sae.b_dec, mean)
+    torch.testing.assert_close(sae.W_dec, w)
+    torch.testing.assert_close(sae.W_enc, c * w.T)
+    assert c < 1  # the reconstruction before the factor is too large
+
+
+def test_init_from_data_without_bias_keeps_b_dec_zero():
+    sae = SparseAutoencoder(SAEConfig(d_in=4, d_sae=5, bias=False)).double()
+    sae.init_from_data(torch.randn(20, 4, dtype=torch.float64) + 3, torch.arange(5))
+    assert torch.equal(sae.b_dec, torch.zeros(4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("activation", ["relu", "topk"])
+def test_a_batch_of_sequences_is_coded_token_by_token(activation):
+    """[batch, seq, d] inputs (what the merged model passes) give each token's own code and reconstruction."""
+    sae = random_sae(5, 12, seed=7, offset=1.0, act_scale=2.0, activation=activation, k=3)
+    x = data(5, 24, seed=8, offset=1.0)
+    flat, batched = sae.encode(x), sae.encode(x.reshape(4, 6, 5))
+    torch.testing.assert_close(batched.reshape(24, 12), flat)
+    torch.testing.assert_close(flat, codes_by_hand(sae, x))
+    torch.testing.assert_close(sae.decode(batched).reshape(24, 5), decode_by_hand(sae, flat))
+    if activation == "topk":
+        values, indices = sae.encode_topk(x.reshape(4, 6, 5))
+        dense = torch.zeros(4, 6, 12, dtype=torch.float64).scatter_(-1, indices, values)
+        torch.testing.assert_close(dense.reshape(24, 12), flat)
+        torch.testing.assert_close(sae.decode_topk(values, indices), sae.decode(batched))
+
+
+def test_topk_backward_passes_no_gradient_through_chosen_latents_that_relu_zeroed():
+    """When fewer than k pre-activations are positive, the chosen ones at zero get no gradient, as in dense
+    autograd of relu(topk(.))."""
+    from saemerge.sae import TopKEncode
+
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    W = torch.randn(5, 10, generator=g, dtype=torch.float64)
+    b_enc = torch.randn(10, generator=g, dtype=torch.float64) - 2.0  # most pre-activations negative
+    b_dec = torch.randn(5, generator=g, dtype=torch.float64)
+    weights = torch.randn(6, 10, generator=g, dtype=torch.float64)  # a loss on the dense code
+    ours = [t.clone().requires_grad_() for t in (x, b_dec, W, b_enc)]
+    values, indices = TopKEncode.apply(*ours, 4)
+    assert (values == 0).any()  # the case under test
+    (torch.zeros(6, 10, dtype=torch.float64).scatter(-1, indices, values) * weights).sum().backward()
+    dense = [t.clone().requires_grad_() for t in (x, b_dec, W, b_enc)]
+    top = ((dense[0] - dense[1]) @ dense[2] + dense[3]).topk(4, dim=-1)
+    (torch.zeros(6, 10, dtype=torch.float64).scatter(-1, top.indices, top.values.relu()) * weights).sum().backward()
+    for name, a, b in zip(("x", "b_dec", "W", "b_enc"), ours, dense):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+@pytest.mark.parametrize("activation,factor", [("relu", 0.2), ("topk", 1.0)])
+def test_resampling_every_latent_gives_encoder_columns_of_the_fallback_norm(activation, factor):
+    """With no live latent to take a norm from, restarted encoder columns have norm 1 (x 0.2 for relu)."""
+    sae = SparseAutoencoder(SAEConfig(d_in=4, d_sae=3, activation=activation, k=1)).double()
+    directions = torch.randn(3, 4, dtype=torch.float64) * 5
+    sae.resample(torch.arange(3), directions)
+    torch.testing.assert_close(sae.W_enc.norm(dim=0), torch.full((3,), factor, dtype=torch.float64))
+    torch.testing.assert_close(sae.W_dec, directions / directions.norm(dim=-1, keepdim=True))
+
+
+# --- the bridge and the heads --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("combine", ["sum", "mean"])
+def test_sae_bridge_sends_codes_and_adds_their_decoding_by_hand(parts, combine):
+    """sum: Dec_b(z_a) without bias; mean: Dec_b((z_a - z_b) / 2) without bias; gates multiply per latent by
+    2 sigmoid(g) and per token by 2 sigmoid(w . [h_a / s_a, h_b / s_b] + c)."""
+    sources, saes, layers = parts
+    g = torch.Generator().manual_seed(11)
+    h = {"a": torch.randn(2, 5, 32, generator=g), "b": torch.randn(2, 5, 48, generator=g)}
+    model = merged_model(sources, saes, layers, MergeSpec(target="b", combine=combine, gates=["latent", "token"]))
+    latent_gate, token_gate = model.latent_gates[0]["b"], model.token_gates[0]["b"]
+    with torch.no_grad():
+        latent_gate.copy_(torch.randn(32, generator=g))
+        token_gate.weight.copy_(torch.randn(1, 80, generator=g) * 0.1)
+        token_gate.bias.fill_(0.3)
+        sent = model.bridge.send(0, {"a": h["a"]})
+        delta = model.bridge.receive("b", 0, h["b"], sent, {"a": h["a"]})
+    a, b = saes[0]["a"], saes[0]["b"]
+    with torch.no_grad():
+        z = {"a": codes_by_hand(a, h["a"].reshape(10, 32)), "b": codes_by_hand(b, h["b"].reshape(10, 48))}
+        torch.testing.assert_close(sent["a"].reshape(10, 32), z["a"])
+        code = z["a"] if combine == "sum" else (z["a"] - z["b"]) / 2
+        code = code * 2 * torch.sigmoid(latent_gate)
+        inputs = torch.cat([h["a"].reshape(10, 32) / a.act_scale, h["b"].reshape(10, 48) / b.act_scale], -1)
+        expected = (code @ b.W_dec) * b.act_scale * 2 * torch.sigmoid(inputs @ token_gate.weight.T + 0.3)
+    torch.testing.assert_close(delta.reshape(10, 48), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_heads_mix_as_a_weighted_sum_of_probabilities(grad):
+    """log sum_s w_s softmax(logits_s), in place without autograd and differentiable with it."""
+    g = torch.Generator().manual_seed(12)
+    logits = [torch.randn(2, 3, 7, generator=g, requires_grad=grad) for _ in range(3)]
+    log_w = torch.randn(2, 3, 3, generator=g).log_softmax(-1)
+    expected = torch.log(sum(log_w[..., s, None].exp() * logits[s].detach().softmax(-1) for s in range(3)))
+    from saemerge.modeling import mix_heads
+
+    with torch.set_grad_enabled(grad):
+        mixed = mix_heads(log_w, list(logits))
+    torch.testing.assert_close(mixed.detach(), expected)
+    if grad:
+        mixed.sum().backward()
+        assert all(x.grad is not None for x in logits)

@@ -12,7 +12,7 @@ import saemerge
 from saemerge import SAEConfig, SparseAutoencoder, parse_recipe, resolve_layer
 from saemerge.harvest import activations
 from saemerge.recipe import LatentSpec, TrainSpec
-from saemerge.train import Trainer, lr_factor, new_sae, resample_dead, resampling_due
+from saemerge.train import Trainer, init_batches, init_saes, lr_factor, new_sae, resample_dead, resampling_due
 from conftest import recipe_dict
 
 IDS = torch.randint(1, 300, (3, 10), generator=torch.Generator().manual_seed(2))
@@ -111,6 +111,61 @@ def test_resampling_restarts_dead_latents_on_the_same_tokens_and_forgets_their_a
     assert torch.equal(tokens["a"], tokens["b"])
 
 
+def test_resampling_picks_tokens_by_their_error_in_each_sae_s_units():
+    """The worst-reconstructed token is chosen by its error in each SAE's normalised units: a big raw error in a
+    source of big activations counts less than a small one in a source of small activations."""
+    saes = {n: SparseAutoencoder(SAEConfig(d_in=2, d_sae=4)) for n in ("big", "small")}
+    for sae in saes.values():
+        with torch.no_grad():
+            sae.W_enc.zero_()
+            sae.b_enc.fill_(-1.0)  # no latent fires: each token's error is the token itself (b_dec = 0)
+    saes["big"].act_scale.fill_(1000.0)
+    saes["small"].act_scale.fill_(0.001)
+    x = {"big": torch.tensor([[50.0, 0.0], [0.0, 0.0]]), "small": torch.tensor([[0.0, 0.0], [0.0, 0.05]])}
+    optimizer = torch.optim.Adam([p for sae in saes.values() for p in sae.parameters()])
+    dead = torch.tensor([True, False, False, False])
+    assert resample_dead(saes, x, dead, optimizer, torch.Generator().manual_seed(0)) == 1
+    # token 1 (0.05 / 0.001 = 50 units in `small`) beats token 0 (50 / 1000 = 0.05 units in `big`)
+    torch.testing.assert_close(saes["small"].W_dec[0], torch.tensor([0.0, 1.0]))
+
+
+def test_first_batches_cover_every_latent_with_its_own_token():
+    assert init_batches(LatentSpec(size=100), tokens_per_batch=30) == 4
+    assert init_batches(LatentSpec(size=90), tokens_per_batch=30) == 3
+    assert init_batches(LatentSpec(size=100, init="random"), tokens_per_batch=30) == 1
+
+
+def test_init_saes_start_every_site_aligned_on_the_same_tokens(tmp_path):
+    """With init: data, latent j of every source starts as the same token (its scaled, centred activation), at
+    every site; a source given an SAE file starts as that SAE instead (the same function of its input)."""
+    g = torch.Generator().manual_seed(4)
+    first = [[{"a": torch.randn(10, 3, generator=g) + 2, "b": torch.randn(10, 5, generator=g) * 4}
+              for _ in range(2)] for _ in range(2)]  # 2 batches x 2 sites
+    latent = LatentSpec(size=12, activation="relu")
+    saes = init_saes(latent, first, {}, torch.Generator().manual_seed(0))
+    assert len(saes) == 2 and all(list(site) == ["a", "b"] for site in saes)
+    for site in range(2):
+        chosen = {}
+        for n, sae in saes[site].items():
+            x = torch.cat([batch[site][n] for batch in first]) / sae.act_scale
+            centred = (x - x.mean(0)) / (x - x.mean(0)).norm(dim=-1, keepdim=True)
+            match = sae.W_dec @ centred.T  # 1 where row j is token t
+            assert torch.allclose(match.max(-1).values, torch.ones(12), atol=1e-5)
+            chosen[n] = match.argmax(-1)
+        assert torch.equal(chosen["a"], chosen["b"]) and len(set(chosen["a"].tolist())) == 12
+
+    file_sae = SparseAutoencoder(SAEConfig(d_in=5, d_sae=12))
+    file_sae.init_from_data(torch.randn(40, 5) * 3, torch.arange(12))
+    file_sae.save(tmp_path / "b0")
+    file_sae.save(tmp_path / "b1")
+    started = init_saes(latent, first, {"b": [str(tmp_path / "b0"), str(tmp_path / "b1")]},
+                        torch.Generator().manual_seed(0))
+    x = torch.cat([batch[1]["b"] for batch in first])
+    with torch.no_grad():
+        torch.testing.assert_close(started[1]["b"](x), file_sae(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(started[1]["a"].W_dec, saes[1]["a"].W_dec)  # the other source as before
+
+
 def test_resampling_schedule():
     """Every `every` steps, never at step 0, never at or after 80% of the steps, never with every = 0."""
     assert [s for s in range(100) if resampling_due(s, 100, 20)] == [20, 40, 60]  # not 80 = 0.8 * steps
@@ -129,6 +184,36 @@ def test_trainer_resamples_exactly_when_due():
         trainer.step(batch, step)
         restarted.append(trainer.resampled - before)
     assert restarted == [0, 0, 16, 0, 16, 0, 16, 0, 0, 0]
+
+
+def test_fired_restarts_at_each_resampling_and_marks_the_step_s_codes():
+    """After a resampling step, `fired` holds exactly the latents active in that step's codes (what fired before
+    is forgotten); the step counts its tokens."""
+    trainer, saes, batch = two_source_trainer(steps=10, resample_every=2)
+    trainer.fired[0].fill_(True)  # everything fired: nothing to restart, but the record starts again
+    with torch.no_grad():
+        for sae in saes.values():
+            sae.b_enc[:4] = -1e3  # latents 0-3 cannot fire in this step
+        active = torch.stack([(saes[n].encode(batch[0][n]) > 0).any(0) for n in saes]).any(0)
+    assert not active.all()  # else the check below could not tell
+    trainer.step(batch, 2)
+    assert trainer.resampled == 0 and torch.equal(trainer.fired[0], active)
+    assert trainer.tokens_per_step == 64
+
+
+def test_each_step_uses_its_own_gradient():
+    """The second step's gradient is that of the second step's loss alone (nothing left over from the first)."""
+    trainer, saes, batch = two_source_trainer()
+    trainer.step(batch, 0)
+    copies = {n: SparseAutoencoder(sae.cfg) for n, sae in saes.items()}
+    for n, sae in copies.items():
+        sae.load_state_dict(saes[n].state_dict())
+    saemerge.losses.loss_terms(trainer.latent, copies, batch[0])["total"].backward()
+    for sae in copies.values():
+        sae.remove_parallel_grads()
+    trainer.step(batch, 1)
+    for n in saes:
+        torch.testing.assert_close(saes[n].W_enc.grad, copies[n].W_enc.grad, rtol=1e-5, atol=1e-6)
 
 
 def test_learning_rate_factor():
