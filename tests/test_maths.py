@@ -374,6 +374,14 @@ def test_topk_backward_passes_no_gradient_through_chosen_latents_that_relu_zeroe
         torch.testing.assert_close(a.grad, b.grad, msg=name)
 
 
+def test_restarted_encoder_columns_take_the_norm_of_the_live_ones_only():
+    sae = SparseAutoencoder(SAEConfig(d_in=3, d_sae=4)).double()
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(3, 4, dtype=torch.float64) * torch.tensor([2.0, 2.0, 50.0, 0.0]))
+    sae.resample(torch.tensor([2, 3]), torch.randn(2, 3, dtype=torch.float64))
+    torch.testing.assert_close(sae.W_enc[:, 2:].norm(dim=0), torch.full((2,), 0.2 * 2.0, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("activation,factor", [("relu", 0.2), ("topk", 1.0)])
 def test_resampling_every_latent_gives_encoder_columns_of_the_fallback_norm(activation, factor):
     """With no live latent to take a norm from, restarted encoder columns have norm 1 (x 0.2 for relu)."""
@@ -391,6 +399,11 @@ def test_sae_bridge_sends_codes_and_adds_their_decoding_by_hand(parts, combine):
     2 sigmoid(g) and per token by 2 sigmoid(w . [h_a / s_a, h_b / s_b] + c)."""
     sources, saes, layers = parts
     g = torch.Generator().manual_seed(11)
+    saved = {n: (sae.act_scale.clone(), sae.b_dec.clone()) for n, sae in saes[0].items()}
+    with torch.no_grad():  # scales and decoder biases that are not the identity, so that each is seen
+        for n, sae in saes[0].items():
+            sae.act_scale.fill_(2.0 if n == "a" else 0.5)
+            sae.b_dec.copy_(torch.randn(sae.b_dec.shape, generator=g))
     h = {"a": torch.randn(2, 5, 32, generator=g), "b": torch.randn(2, 5, 48, generator=g)}
     model = merged_model(sources, saes, layers, MergeSpec(target="b", combine=combine, gates=["latent", "token"]))
     latent_gate, token_gate = model.latent_gates[0]["b"], model.token_gates[0]["b"]
@@ -408,6 +421,9 @@ def test_sae_bridge_sends_codes_and_adds_their_decoding_by_hand(parts, combine):
         code = code * 2 * torch.sigmoid(latent_gate)
         inputs = torch.cat([h["a"].reshape(10, 32) / a.act_scale, h["b"].reshape(10, 48) / b.act_scale], -1)
         expected = (code @ b.W_dec) * b.act_scale * 2 * torch.sigmoid(inputs @ token_gate.weight.T + 0.3)
+        for n, (scale, bias) in saved.items():
+            saes[0][n].act_scale.copy_(scale)
+            saes[0][n].b_dec.copy_(bias)
     torch.testing.assert_close(delta.reshape(10, 48), expected, rtol=1e-4, atol=1e-5)
 
 

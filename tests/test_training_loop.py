@@ -129,6 +129,21 @@ def test_resampling_picks_tokens_by_their_error_in_each_sae_s_units():
     torch.testing.assert_close(saes["small"].W_dec[0], torch.tensor([0.0, 1.0]))
 
 
+def test_resampling_weighs_every_dimension_of_every_source():
+    """A token's badness is its squared error summed over each source's dimensions (a wide source's small
+    per-dimension error can outweigh a narrow source's larger one)."""
+    saes = {"wide": SparseAutoencoder(SAEConfig(d_in=10_000, d_sae=2)), "narrow": SparseAutoencoder(SAEConfig(d_in=1, d_sae=2))}
+    for sae in saes.values():
+        with torch.no_grad():
+            sae.W_enc.zero_()
+            sae.b_enc.fill_(-1.0)
+    x = {"wide": torch.zeros(2, 10_000), "narrow": torch.tensor([[0.0], [10.0]])}
+    x["wide"][0] = 1.0  # token 0: 10,000 in sum (1 per dimension); token 1: 100 (100 per dimension)
+    optimizer = torch.optim.Adam([p for sae in saes.values() for p in sae.parameters()])
+    resample_dead(saes, x, torch.tensor([True, False]), optimizer, torch.Generator().manual_seed(0))
+    assert saes["wide"].W_dec[0].abs().sum() > 1  # restarted on token 0: its wide error, not token 1's zero one
+
+
 def test_first_batches_cover_every_latent_with_its_own_token():
     assert init_batches(LatentSpec(size=100), tokens_per_batch=30) == 4
     assert init_batches(LatentSpec(size=90), tokens_per_batch=30) == 3
@@ -172,6 +187,7 @@ def test_resampling_schedule():
     assert [s for s in range(100) if resampling_due(s, 100, 25)] == [25, 50, 75]
     assert [s for s in range(11) if resampling_due(s, 11, 3)] == [3, 6]  # 9 > 0.8 * 11
     assert not any(resampling_due(s, 100, 0) for s in range(100))
+    assert [s for s in range(5) if resampling_due(s, 5, 1)] == [1, 2, 3]
 
 
 def test_trainer_resamples_exactly_when_due():
