@@ -76,13 +76,13 @@ def load(folder: Path, settings: dict) -> tuple[dict, dict[str, torch.Tensor]]:
     training settings differ from the checkpoint's."""
     if not (folder / STATE).is_file():
         raise UserError(f"--resume: no checkpoint in '{folder}'; expected one left by an interrupted run of this "
-                          "recipe with this output folder")
+                        "recipe with this output folder")
     state = json.loads((folder / STATE).read_text())
     changed = changed_fields(state["settings"], settings)
     if changed:
         raise UserError(f"--resume: the checkpoint in '{folder}' was made with other settings ({', '.join(changed)}); "
-                          "expected the same recipe (only train.lr, train.log_every, train.checkpoint_every and "
-                          "train.device may change), or start over with --overwrite")
+                        "expected the same recipe (only train.lr, train.log_every, train.checkpoint_every and "
+                        "train.device may change), or start over with --overwrite")
     return state, load_file(folder / state["tensors"])
 
 

@@ -88,7 +88,7 @@ def cmd_export_saes(args) -> int:
     folders = sorted(cfg.parent for cfg in model_dir.glob("saes/*/*/cfg.json"))
     if not folders:
         raise UserError(f"{model_dir}: not a merged model folder; expected saes/<source>/<module path>/ "
-                          "as written by `saemerge merge`")
+                        "as written by `saemerge merge`")
     recipe = yaml.safe_load((model_dir / "recipe.yaml").read_text()) if (model_dir / "recipe.yaml").is_file() else {}
     models = {m["name"]: m["model"] for m in recipe.get("models", [])}
     for folder in folders:

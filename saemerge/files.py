@@ -9,7 +9,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from .recipe import RecipeError
+from .errors import RecipeError
 
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2  # flags of Linux's renameat2
 
