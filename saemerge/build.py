@@ -18,14 +18,15 @@ def merged_model(sources: dict[str, PreTrainedModel], saes: list[dict[str, Spars
     gates). Sources and SAEs are used as they are (not copied); the result is in eval mode. `references`
     ({name: load_pretrained_source arguments}, default: each source's name_or_path and dtype) say where the sources
     come from again, as `storage: reference` saves them and the model card names them."""
-    references = references or {}
+    references = {n: {"model": m.name_or_path, "dtype": str(m.dtype).removeprefix("torch.")}
+                  for n, m in sources.items()} | (references or {})
     latent = saes[0][next(iter(sources))].cfg
     config = SAEMergedConfig(
         sources=[{"name": name, "config": model.config.to_dict(), "layers": list(layers[name]),
                   "d_model": saes[0][name].cfg.d_in,
-                  "reference": references.get(name) or {"model": model.name_or_path, "dtype": str(model.dtype)[6:]}}
+                  "reference": references[name]}
                  for name, model in sources.items()],
-        target=merge.target, inject=merge.inject or [n for n in sources if n != merge.target],
+        target=merge.target, inject=merge.inject,  # None: every source but the target (the config's default)
         combine=merge.combine, scale=merge.scale, heads=merge.heads, gates=merge.gates,
         latent={"d_sae": latent.d_sae, "activation": latent.activation, "k": latent.k, "bias": latent.bias},
         storage=storage)

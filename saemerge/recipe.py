@@ -111,7 +111,7 @@ class MergeSpec(Strict):
     combine: Literal["sum", "mean"] = Field("mean", description="sum: add decoded features; mean: average reconstructions, keep the receiver's error.")
     # Bounded so that float32 stays finite: a scale of 1e308 saves a model whose logits are inf.
     scale: float = Field(1.0, ge=-1000, le=1000, description="Multiplies what is brought in (0: no feature exchange; -1000 .. 1000).")
-    # None means every source but the target (Recipe.injecting): the reference shows that in words.
+    # None means every source but the target (SAEMergedConfig fills it in): the reference shows that in words.
     inject: list[str] | None = Field(None, description="Sources whose features are injected (`heads: target`).",
                                      json_schema_extra={"default_text": "all but the target"})
     heads: Literal["target", "mean", "router"] = Field("target", description="target: one stream, the target's head; mean / router: every source receives the others' features and keeps its head, the distributions averaged / mixed per token by a learned router.")
@@ -147,12 +147,6 @@ class Recipe(Strict):
 
     def source(self, name: str) -> SourceSpec:
         return next(s for s in self.models if s.name == name)
-
-    @property
-    def injecting(self) -> list[str]:
-        if self.merge.inject is not None:
-            return list(self.merge.inject)
-        return [s.name for s in self.models if s.name != self.merge.target]
 
 
 def _cross_field_errors(recipe: Recipe) -> list[str]:
