@@ -36,7 +36,7 @@ from saemerge import ResidualHook, build_merged, load_source, parse_recipe, trai
 from saemerge.calibrate import calibrate  # noqa: E402
 from saemerge.recipe import set_override  # noqa: E402
 from saemerge.sources import check_sources  # noqa: E402
-from baselines import StitchedForCausalLM, mergekit_linear  # noqa: E402
+from baselines import mergekit_linear  # noqa: E402
 
 TASKS = {"test": {"prose": "saemerge_prose", "code": "saemerge_code", "mix": "saemerge_mix"},
          "validation": {"prose": "saemerge_prose_val", "code": "saemerge_code_val", "mix": "saemerge_mix_val"}}
@@ -129,12 +129,9 @@ class Bench:
             self.results["sae_metrics"] = self._saes[1]
         return self._saes[0]
 
-    def merged(self, *overrides, cls=None, calibrated=False):
+    def merged(self, *overrides, calibrated=False):
         recipe = self.recipe(*overrides)
-        saes = self.saes()
-        model = build_merged(recipe, self.sources(), saes, self.paths)
-        if cls is not None:
-            model = cls(model.config, sources=self.sources(), saes=saes).eval()
+        model = build_merged(recipe, self.sources(), self.saes(), self.paths)
         extra = {"recipe_overrides": list(overrides)}
         if calibrated:
             extra["calibration"] = calibrate(model, recipe, self.tokenizer, progress=not self.args.quiet)
@@ -172,7 +169,7 @@ class Bench:
         for a, b in (("prose", "code"), ("code", "prose")):
             self.row(f"linear stitch {a} -> {b} (dense d x d, trained on next-token loss)", "baseline",
                      lambda b=b: self.merged(f"merge.target={b}", "merge.heads=target", "merge.gates=[]", *cal,
-                                             cls=StitchedForCausalLM, calibrated=True))
+                                             "merge.bridge=linear", calibrated=True))
         self.row("control: code with its own SAE reconstruction spliced in", "control", self.spliced_control("code"))
         while self._hooks:
             self._hooks.pop().detach()

@@ -15,7 +15,7 @@ def merged_model(sources: dict[str, PreTrainedModel], saes: list[dict[str, Spars
                  storage: str = "self-contained") -> SAEMergedForCausalLM:
     """The merged model of `sources` ({name: causal LM}) and `saes` (saes[site][name], as train_saes returns them)
     at `layers` ({name: one module path per site}), wired as `merge` says (target, heads, combine, scale, inject,
-    gates). Sources and SAEs are used as they are (not copied); the result is in eval mode. `references`
+    gates, bridge). Sources and SAEs are used as they are (not copied); the result is in eval mode. `references`
     ({name: load_pretrained_source arguments}, default: each source's name_or_path and dtype) say where the sources
     come from again, as `storage: reference` saves them and the model card names them."""
     references = {n: {"model": m.name_or_path, "dtype": str(m.dtype).removeprefix("torch.")}
@@ -27,7 +27,7 @@ def merged_model(sources: dict[str, PreTrainedModel], saes: list[dict[str, Spars
                   "reference": references[name]}
                  for name, model in sources.items()],
         target=merge.target, inject=merge.inject,  # None: every source but the target (the config's default)
-        combine=merge.combine, scale=merge.scale, heads=merge.heads, gates=merge.gates,
+        combine=merge.combine, scale=merge.scale, heads=merge.heads, gates=merge.gates, bridge=merge.bridge,
         latent={"d_sae": latent.d_sae, "activation": latent.activation, "k": latent.k, "bias": latent.bias},
         storage=storage)
     return SAEMergedForCausalLM(config, sources=sources, saes=saes).eval()

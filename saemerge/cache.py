@@ -22,10 +22,10 @@ def cache_argument(model: nn.Module) -> str:
 class MergedCache(Cache):
     """The merged model's KV cache: one DynamicCache per source run, keyed "send:NAME" (a source run up to its
     layer) or "receive:NAME" (run whole); a source that does both keeps two, since the same tokens pass its early
-    blocks twice. To `generate` it is one transformers `Cache` whose layers are all of theirs, so what generate does
+    blocks twice. A bridge that attends over past positions keeps its own layers under "bridge". To `generate` it is one transformers `Cache` whose layers are all of theirs, so what generate does
     to a cache (reorder for beam search, select, crop, ...) is the Cache API's own code reaching every source."""
 
-    def __init__(self, caches: dict[str, DynamicCache]):
+    def __init__(self, caches: dict[str, Cache]):
         self.caches = caches
         # DynamicCache(config=...) makes its layers up front, so this list is complete from the start.
         super().__init__(layers=[layer for cache in caches.values() for layer in cache.layers])

@@ -16,18 +16,22 @@ from contextlib import ExitStack
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, GenerationMixin, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, Cache, DynamicCache, GenerationMixin, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .cache import OUTPUT_CACHE, MergedCache, cache_argument, given_cache
 from .configuration import SAEMergedConfig
 from .hooks import ResidualHook, run_to_layers
 from .pretrained import MergedModelFiles
+from .cross_attention_bridge import CrossAttentionBridge
+from .linear_bridge import LinearBridge
 from .sae import SparseAutoencoder
-from .sae_bridge import SAEBridge, scaled_residuals
+from .sae_bridge import SAEBridge, Step, scaled_residuals
 from .wiring import runs, send_runs, senders_to
 
-BRIDGES = {"sae": SAEBridge}  # config.bridge -> the class that carries features between the sources
+# config.bridge -> the class that carries features between the sources
+BRIDGES = {"sae": SAEBridge, "linear": LinearBridge, "cross_attention": CrossAttentionBridge}
 
 
 def mix_heads(log_weights: torch.Tensor, logits: list[torch.Tensor]) -> torch.Tensor:
@@ -117,16 +121,20 @@ class SAEMergedForCausalLM(MergedModelFiles, PreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return self.target.get_output_embeddings()
 
-    def calibration_parameters(self) -> list[nn.Parameter]:
-        """What calibration trains: the bridge's gates and the router (sources and SAEs stay frozen)."""
-        return self.bridge.calibration_parameters() + (list(self.router.parameters()) if self.router else [])
+    def calibration_parameters(self, saes: bool = False) -> list[nn.Parameter]:
+        """What calibration trains: the bridge's own parameters (the SAE bridge's gates; its SAEs too with `saes`)
+        and the router; the sources stay frozen."""
+        return self.bridge.calibration_parameters(saes) + (list(self.router.parameters()) if self.router else [])
 
     def new_cache(self) -> MergedCache:
-        """An empty KV cache: one DynamicCache for each source run this wiring makes."""
-        return MergedCache({f"{role}:{name}": DynamicCache(config=self.sources[name].config.get_text_config(decoder=True))
-                            for role, name in runs(self.config)})
+        """An empty KV cache: one DynamicCache for each source run this wiring makes, and the bridge's own layers."""
+        caches = {f"{role}:{name}": DynamicCache(config=self.sources[name].config.get_text_config(decoder=True))
+                  for role, name in runs(self.config)}
+        if self.bridge.cache_layers():
+            caches["bridge"] = Cache(layers=[DynamicLayer() for _ in range(self.bridge.cache_layers())])
+        return MergedCache(caches)
 
-    def _receive(self, name: str, input_ids, run, sent: list[dict], residuals: list[dict]):
+    def _receive(self, name: str, input_ids, run, sent: list[dict], residuals: list[dict], step: Step):
         """A full forward of source `name`, receiving what the bridge carries at its layers (if anything).
         Returns its logits and its residual at the last site (the router's input)."""
         model = self.sources[name]
@@ -136,20 +144,20 @@ class SAEMergedForCausalLM(MergedModelFiles, PreTrainedModel, GenerationMixin):
         with ExitStack() as hooks:
             for site, layer in enumerate(self.layers[name]):
                 delta = lambda h, site=site: self.config.scale * self.bridge.receive(name, site, h, sent[site],
-                                                                                    residuals[site])
+                                                                                    residuals[site], step)
                 hooks.enter_context(ResidualHook(model, layer, "inject", vector=delta))
             return model(input_ids=input_ids, **run("receive", name)).logits, residuals[-1].get(name)
 
-    def _logits(self, input_ids: torch.LongTensor, run) -> torch.Tensor:
+    def _logits(self, input_ids: torch.LongTensor, run, step: Step) -> torch.Tensor:
         """The merged next-token logits; `run(role, name)` gives the keyword arguments of one source's run."""
         cfg = self.config
         senders = send_runs(cfg)
         by_source = {n: run_to_layers(self.sources[n], self.layers[n], input_ids, **run("send", n)) for n in senders}
         residuals = [{n: by_source[n][site] for n in senders} for site in range(cfg.n_sites)]
-        sent = [self.bridge.send(site, at_site) for site, at_site in enumerate(residuals)]
+        sent = [self.bridge.send(site, at_site, step) for site, at_site in enumerate(residuals)]
         if cfg.heads == "target":
-            return self._receive(cfg.target, input_ids, run, sent, residuals)[0]
-        outputs = {n: self._receive(n, input_ids, run, sent, residuals) for n in cfg.names}
+            return self._receive(cfg.target, input_ids, run, sent, residuals, step)[0]
+        outputs = {n: self._receive(n, input_ids, run, sent, residuals, step) for n in cfg.names}
         if cfg.heads == "router":
             last = {n: outputs[n][1] for n in cfg.names}
             weights = self.router(scaled_residuals(self.saes[-1], cfg.names, last, self.router)).log_softmax(-1)
@@ -178,7 +186,9 @@ class SAEMergedForCausalLM(MergedModelFiles, PreTrainedModel, GenerationMixin):
             return kwargs
 
         with onloaded([*self.bridge.modules().values(), self.router]):
-            logits = self._logits(input_ids, run)
+            step = Step(attention_mask, cache.caches["bridge"].layers if cache is not None and "bridge" in cache.caches
+                        else [])
+            logits = self._logits(input_ids, run, step)
         loss = None
         if labels is not None:
             loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),

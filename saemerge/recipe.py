@@ -101,9 +101,11 @@ class TrainSpec(Strict):
 
 
 class CalibrateSpec(Strict):
-    steps: int = Field(0, ge=0, description="Steps of next-token training of the gates and router (sources and SAEs frozen).")
+    steps: int = Field(0, ge=0, description="Steps of next-token training of the bridge (the SAE bridge's gates, the linear and cross-attention bridges' maps) and the router; the sources stay frozen.")
     lr: float = Field(1e-2, gt=0, description="Adam learning rate for calibration.")
     batch_tokens: int = Field(2048, gt=0, description="Tokens per calibration step.")
+    saes: bool = Field(False, description="`bridge: sae` only: fine-tune the SAEs (encoders, decoders) end to end with the gates, their reconstruction and alignment losses (as `latent` weighs them) kept as regularisers so the latents stay readable.")
+    regularise: float = Field(1.0, ge=0, description="Weight of the SAEs' own losses beside the next-token loss when `saes` is set.")
 
 
 class MergeSpec(Strict):
@@ -114,6 +116,7 @@ class MergeSpec(Strict):
     # None means every source but the target (SAEMergedConfig fills it in): the reference shows that in words.
     inject: list[str] | None = Field(None, description="Sources whose features are injected (`heads: target`).",
                                      json_schema_extra={"default_text": "all but the target"})
+    bridge: Literal["sae", "linear", "cross_attention"] = Field("sae", description="What carries features between the sources: `sae` (codes of the shared latent space, decoded into the receiver), `linear` (a dense map between residual streams, the stitching baseline), `cross_attention` (the receiver attends over the sender's residuals of earlier and current positions, CALM's design). See [Bridges](#bridges-and-the-composition-benchmark).")
     heads: Literal["target", "mean", "router"] = Field("target", description="target: one stream, the target's head; mean / router: every source receives the others' features and keeps its head, the distributions averaged / mixed per token by a learned router.")
     gates: list[Literal["latent", "token"]] = Field(default_factory=list, description=(
         "Learned gates on what is injected: `latent` (one per latent), `token` (one per token, from the sources' "
@@ -173,6 +176,9 @@ def _cross_field_errors(recipe: Recipe) -> list[str]:
             errors.append(f"merge.inject.{j}: '{name}' expected a source other than the target, one of {names}")
     if recipe.merge.inject is not None and not recipe.merge.inject:
         errors.append("merge.inject: empty; expected at least one source to inject")
+    if recipe.merge.calibrate.saes and recipe.merge.bridge != "sae":
+        errors.append(f"merge.calibrate.saes: true with bridge '{recipe.merge.bridge}'; expected bridge: sae (only "
+                      "its SAEs carry the features)")
     return errors + _lone_surrogates(recipe.model_dump())
 
 

@@ -63,3 +63,26 @@ def test_committed_sample_tasks_and_max_length(zoo, tmp_path, monkeypatch):
               for n in (8, 64)}
     assert json.loads((tmp_path / "8.json").read_text())["config"]["max_length"] == 8
     assert scores[8] > 0 and scores[8] != scores[64]
+
+
+def test_a_cross_attention_merge_calibrates_saves_and_evaluates(zoo, tmp_path, write_recipe, capsys):
+    """merge.bridge through the whole pipeline: the bridge is trained by calibration, saved, and lm-eval scores
+    the folder again to the same number."""
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    task = yaml.safe_load((PROSE.parents[2] / "tasks/saemerge_prose.yaml").read_text())
+    task.update(task="tiny_prose", dataset_kwargs={"data_files": {"test": str(PROSE)}})
+    (tasks / "tiny_prose.yaml").write_text(yaml.safe_dump(task))
+    raw = recipe_dict(zoo["gpt2"], zoo["gpt2_b"], tmp_path / "out", data__tokens=1024, merge__heads="router",
+                      merge__bridge="cross_attention", merge__calibrate={"steps": 3, "batch_tokens": 256})
+    raw["eval"] = {"tasks": ["tiny_prose"], "include_path": str(tasks), "limit": 2, "batch_size": 2}
+    assert main(["merge", str(write_recipe(raw)), "--quiet"]) == 0
+    config = json.loads((tmp_path / "out/config.json").read_text())
+    assert config["bridge"] == "cross_attention"
+    metrics = json.loads((tmp_path / "out/metrics.json").read_text())["calibration"]
+    assert metrics["steps"] == 3 and metrics["held_back_loss_after"] != metrics["held_back_loss_before"]
+    merged = json.loads((tmp_path / "out/eval_results.json").read_text())["results"]["tiny_prose"]
+    assert main(["eval", str(tmp_path / "out"), "--tasks", "tiny_prose", "--include-path", str(tasks),
+                 "--limit", "2", "--batch-size", "2", "--output", str(tmp_path / "again.json")]) == 0
+    again = json.loads((tmp_path / "again.json").read_text())["results"]["tiny_prose"]
+    assert abs(again["bits_per_byte"] - merged["bits_per_byte"]) < 1e-6

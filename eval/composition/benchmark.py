@@ -1,0 +1,266 @@
+#!/usr/bin/env python3
+"""The composition benchmark: can a merge of K (knows key -> number) and S (does arithmetic) answer arithmetic over
+keys it was never trained to compose, where every ensemble must fail?
+
+    python eval/composition/train_models.py K S J      # the sources and the joint reference (~20 min)
+    python eval/composition/benchmark.py               # every row below (~40 min); --quick for a smoke run
+
+Rows: K alone, S alone, the logit ensemble and the routed ensemble (heads mean / router, scale 0), S fine-tuned on
+the composition training set (the control: it cannot know the held-out keys' numbers), J trained on everything
+(a reference), and the bridges: sae (gates calibrated), sae trained end to end, linear, cross_attention. Every
+trained row gets the same budget: `--steps` steps of 128 rows x 16 tokens of compositions over the train keys, the
+loss on the answers. Settings (sites, learning rates) were chosen on the valid keys; test keys are scored once.
+Scores: exact match of greedy generation on one problem per test key (held out) and on fresh problems over the
+train keys (seen); tokens/s of that generation beside S alone. Writes eval/results/composition.json and a plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from data import ROWS, SEQ_LEN, Task, batches, stream  # noqa: E402
+from score import exact_match, generation_speed  # noqa: E402
+
+from saemerge import merged_model  # noqa: E402
+from saemerge.calibrate import sae_regulariser, train_on_next_token_loss  # noqa: E402
+from saemerge.harvest import activation_batches  # noqa: E402
+from saemerge.recipe import CalibrateSpec, LatentSpec, MergeSpec, TrainSpec  # noqa: E402
+from saemerge.train import train_saes  # noqa: E402
+
+
+
+def slug(row: str) -> str:
+    return row.split(" (")[0].replace("bridge ", "").replace(", trained end to end", "-end-to-end").replace(" ", "-")
+
+
+def text_batches(task: Task, tokenizer, seed: int):
+    """Token batches of everything the sources read (statements, arithmetic, compositions over the train keys), the
+    SAEs' training data: one text per row, rows of one length together, so no padding enters the activations."""
+    texts, by_length = stream(task, "joint", seed), {}
+    while True:
+        ids = [tokenizer.bos_token_id] + tokenizer(next(texts).text, add_special_tokens=False)["input_ids"]
+        bucket = by_length.setdefault(len(ids), [])
+        bucket.append(ids)
+        if len(bucket) == ROWS:
+            yield torch.tensor(by_length.pop(len(ids)))
+
+
+class Benchmark:
+    def __init__(self, args):
+        self.args = args
+        self.task = Task(args.keys, args.seed)
+        self.tokenizer = self.task.tokenizer()
+        self.models = {n: self.load(n) for n in ("K", "S")}
+        self.layers = {"K": [f"transformer.h.{i}" for i in args.k_layers],
+                       "S": [f"transformer.h.{i}" for i in args.s_layers]}
+        n = args.eval_examples
+        # --choose scores the valid keys only (settings are chosen there); the test keys are scored once, at the end.
+        self.sets = ({"valid": self.task.eval_set("valid", n)} if args.choose else
+                     {"held-out": self.task.eval_set("test", n), "seen": self.task.eval_set("train", n)})
+        # 64 problems of one length (held-out keys, the first template): the generation speed batch.
+        same = [e for e in self.task.eval_set("test", 512) if e.prompt.split()[0] == e.key and len(e.prompt.split()) == 5]
+        self.speed_batch = torch.tensor([[self.tokenizer.bos_token_id] + self.tokenizer(e.prompt, add_special_tokens=False)[
+            "input_ids"] for e in same[:64]])
+        self.rows: list[dict] = []
+        if args.append and args.output.exists():  # rows of an earlier run, those measured again replaced
+            self.rows = json.loads(args.output.read_text())["rows"]
+        self._saes = None
+
+    def load(self, name: str):
+        return AutoModelForCausalLM.from_pretrained(self.args.runs / name, dtype=torch.float32).eval().requires_grad_(False)
+
+    def budget(self) -> int:
+        return self.args.steps * ROWS * SEQ_LEN
+
+    def saes(self):
+        """Aligned TopK SAEs on K's and S's residuals at the sites, trained once on the sources' own texts."""
+        if self._saes is None:
+            latent = LatentSpec(size=self.args.latents, k=self.args.k)
+            train = TrainSpec(batch_tokens=ROWS * SEQ_LEN, lr=1e-3, seed=self.args.seed)
+            stream_ = lambda start: activation_batches(self.models, self.layers, text_batches(self.task, self.tokenizer,
+                                                                                               self.args.seed), start,
+                                                       shuffle_batches=8, seed=self.args.seed)
+            held_back = activation_batches(self.models, self.layers, text_batches(self.task, self.tokenizer, 99))
+            start = time.time()
+            saes, metrics = train_saes(stream_, latent, train, self.args.sae_steps,
+                                       held_back=(next(held_back) for _ in range(4)), progress=not self.args.quiet)
+            self._saes = saes, {"seconds": round(time.time() - start), "steps": self.args.sae_steps,
+                                "tokens": self.args.sae_steps * ROWS * SEQ_LEN, **metrics}
+            self.latent = latent
+        return self._saes[0]
+
+    def merged(self, bridge: str = "sae", heads: str = "target", scale: float = 1.0, gates=()):
+        merge = MergeSpec(target="S", inject=["K"], bridge=bridge, heads=heads, scale=scale, gates=list(gates),
+                          calibrate=CalibrateSpec())
+        return merged_model(dict(self.models), copy.deepcopy(self.saes()), self.layers, merge)
+
+    def train(self, model, params, lr: float, regulariser=None) -> dict:
+        start = time.time()
+        metrics = train_on_next_token_loss(model, params, batches(self.task, "composition", self.tokenizer, self.args.seed + 1),
+                                           self.args.steps, lr, progress=not self.args.quiet, desc="training",
+                                           regulariser=regulariser)
+        model.eval()
+        return {**metrics, "seconds": round(time.time() - start), "lr": lr}
+
+    def row(self, name: str, kind: str, build) -> None:
+        if self.args.rows and not any(r in name for r in self.args.rows):
+            return
+        start = time.time()
+        model, trained, extra = build()
+        scores = {split: exact_match(model, self.tokenizer, examples) for split, examples in self.sets.items()}
+        row = {"row": name, "kind": kind, "trained_parameters": trained,
+               "training_tokens": self.budget() if trained else 0, **extra,
+               **{f"{split}": s["exact_match"] for split, s in scores.items()},
+               "tokens_per_second": generation_speed(model, self.speed_batch), "seconds": round(time.time() - start)}
+        self.rows = [r for r in self.rows if r["row"] != name] + [row]
+        print(json.dumps(row), flush=True)
+        if kind == "bridge" and self.args.save:  # a merged model folder like any other (explain_sae.py reads it)
+            folder = self.args.runs / "merges" / slug(name)
+            model.save_pretrained(folder)
+            self.tokenizer.save_pretrained(folder)
+
+    def run(self):
+        a = self.args
+        count = lambda params: sum(p.numel() for p in params)
+        self.row("K alone (knows the keys)", "source", lambda: (self.models["K"], 0, {}))
+        self.row("S alone (does arithmetic)", "source", lambda: (self.models["S"], 0, {}))
+        self.row("logit ensemble (heads mean, scale 0)", "ensemble", lambda: (self.merged(heads="mean", scale=0), 0, {}))
+
+        def routed():
+            model = self.merged(heads="router", scale=0)
+            params = model.calibration_parameters()
+            return model, count(params), {"training": self.train(model, params, a.lr)}
+        self.row("routed ensemble (heads router, scale 0, router trained)", "ensemble", routed)
+
+        def fine_tuned():
+            model = copy.deepcopy(self.models["S"])
+            params = list(model.parameters())
+            return model, count(params), {"training": self.train(model, params, a.ft_lr)}
+        self.row("control: S fine-tuned on the compositions (all weights)", "control", fine_tuned)
+        if (a.runs / "J").exists():
+            self.row("J: one model trained on K's, S's and the composition data (reference)", "reference",
+                     lambda: (self.load("J"), 0, {}))
+
+        def bridge(name, gates=(), saes=False, lr=a.lr):
+            def build():
+                model = self.merged(bridge=name, gates=gates)
+                params = model.calibration_parameters(saes)
+                regulariser = sae_regulariser(model, self.latent) if saes else None
+                return model, count(params), {"training": self.train(model, params, lr, regulariser)}
+            return build
+        self.row("bridge sae (latent + token gates trained)", "bridge", bridge("sae", ("latent", "token")))
+        self.row("bridge sae, trained end to end (SAEs + gates; SAE losses as regulariser)", "bridge",
+                 bridge("sae", ("latent", "token"), saes=True, lr=a.sae_lr))
+        self.row("bridge linear (dense map at the same position)", "bridge", bridge("linear"))
+        self.row("bridge cross_attention (earlier and current positions)", "bridge", bridge("cross_attention"))
+
+    def write(self, seconds: float):
+        result = {"task": {"keys": self.args.keys, "split_keys": {k: len(v) for k, v in self.task.split_keys.items()},
+                           "eval_examples": self.args.eval_examples, "seed": self.args.seed},
+                  "sources": {n: json.loads((self.args.runs / n / "train_log.json").read_text())
+                              for n in ("K", "S", "J") if (self.args.runs / n).exists()},
+                  "layers": self.layers, "steps": self.args.steps, "batch": [ROWS, SEQ_LEN],
+                  "saes": self._saes[1] if self._saes else None, "rows": self.rows,
+                  "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                              "torch": torch.__version__}, "seconds": round(seconds)}
+        for log in result["sources"].values():
+            log.pop("curve", None)
+        self.args.output.parent.mkdir(parents=True, exist_ok=True)
+        self.args.output.write_text(json.dumps(result, indent=2))
+        self.args.output.with_suffix(".md").write_text(markdown(result))
+        plot(result, self.args.output.with_suffix(".png"))
+        print(markdown(result))
+        print(f"wrote {self.args.output} (.md, .png)")
+
+
+KINDS = ["source", "ensemble", "control", "reference", "bridge"]
+
+
+def ordered(rows: list[dict]) -> list[dict]:
+    return sorted(rows, key=lambda r: KINDS.index(r["kind"]))
+
+
+def markdown(result: dict) -> str:
+    """The README's table: exact match, trained parameters, tokens, generation speed beside S alone."""
+    rows = ordered(result["rows"])
+    splits = [k for k in ("held-out", "seen", "valid") if k in rows[0]]
+    s_speed = next((r["tokens_per_second"] for r in rows if r["row"].startswith("S alone")), None)
+    lines = ["| row | " + " | ".join(f"exact match {s}" for s in splits) + " | trained parameters | tokens trained on "
+             "| generation tokens/s (x S alone) |", "|---|" + "---|" * (len(splits) + 3)]
+    for r in rows:
+        speed = f"{r['tokens_per_second']:.0f}" + (f" ({r['tokens_per_second'] / s_speed:.2f}x)" if s_speed else "")
+        lines.append(f"| {r['row']} | " + " | ".join(f"{r[s]:.1%}" for s in splits)
+                     + f" | {r['trained_parameters']:,} | {r['training_tokens']:,} | {speed} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = ordered(result["rows"])
+    splits = [k for k in ("held-out", "seen", "valid") if k in rows[0]]
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.2))
+    height = 0.8 / len(splits)
+    for i, split in enumerate(splits):
+        ax.barh([j + i * height for j in range(len(rows))], [r[split] * 100 for r in rows], height, label=split)
+    ax.set_yticks([j + height * (len(splits) - 1) / 2 for j in range(len(rows))])
+    ax.set_yticklabels([r["row"].split(" (")[0] for r in rows])
+    ax.invert_yaxis()
+    ax.axvline(80, color="gray", linestyle=":", linewidth=1)
+    ax.set_xlabel("exact match (%)")
+    ax.set_xlim(0, 100)
+    ax.legend(loc="lower right")
+    ax.set_title("Arithmetic over keys: K knows the numbers, S does arithmetic")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=Path, default=HERE / "runs", help="folder of the trained K, S (and J)")
+    parser.add_argument("--output", type=Path, default=HERE.parent / "results" / "composition.json")
+    parser.add_argument("--keys", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    # K's block 2: where a linear probe (trained on the train keys) reads a key's number best on the valid keys;
+    # S's block 0: the most of S left after the injection.
+    parser.add_argument("--k-layers", type=int, nargs="+", default=[2])
+    parser.add_argument("--s-layers", type=int, nargs="+", default=[0])
+    parser.add_argument("--steps", type=int, default=600, help="training steps of every trained row")
+    parser.add_argument("--lr", type=float, default=1e-3, help="bridges' and router's learning rate")
+    parser.add_argument("--ft-lr", type=float, default=3e-4, help="the fine-tuned control's learning rate")
+    parser.add_argument("--sae-lr", type=float, default=3e-4, help="learning rate of end-to-end SAE training")
+    parser.add_argument("--latents", type=int, default=1024)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--sae-steps", type=int, default=400)
+    parser.add_argument("--eval-examples", type=int, default=500)
+    parser.add_argument("--rows", nargs="*", help="only rows whose name contains one of these")
+    parser.add_argument("--choose", action="store_true", help="score the valid keys only (to choose settings)")
+    parser.add_argument("--append", action="store_true", help="keep the rows of an earlier --output, replacing those run again")
+    parser.add_argument("--save", action="store_true", help="save every bridge's merged model under RUNS/merges/")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args()
+    torch.manual_seed(args.seed)
+    start = time.time()
+    bench = Benchmark(args)
+    bench.run()
+    bench.write(time.time() - start)
+
+
+if __name__ == "__main__":
+    main()
