@@ -42,6 +42,5 @@ class LinearBridge(SAEBridge):
         return residuals
 
     def receive(self, receiver, site, h, sent, residuals=None, step: Step | None = None):
-        site_stitches = self.stitches[site]
-        return sum(site_stitches[pair_key(a, receiver)](sent[a].to(site_stitches[pair_key(a, receiver)].weight))
-                   for a in senders_to(self.config, receiver)).to(h)
+        stitches = [(self.stitches[site][pair_key(a, receiver)], sent[a]) for a in senders_to(self.config, receiver)]
+        return sum(stitch(x.to(stitch.weight)) for stitch, x in stitches).to(h)
