@@ -1,5 +1,5 @@
 """Calibration: train the bridge (how much of each feature to bring in, or the linear / cross-attention maps) and
-the router (whose head to trust) on next-token loss, the sources frozen.
+the router (whose head to trust) on next-token loss, the sources frozen (the target too unless `receiver`).
 
 A cheap stage after SAE training. Every bridge starts as the plain merge or as no exchange (gates of 1, maps of
 zero, a uniform router). With `calibrate.saes` the SAE bridge's SAEs are fine-tuned end to end too, their own
@@ -68,7 +68,7 @@ def train_on_next_token_loss(model, params: list[torch.nn.Parameter], batches, s
 def calibrate(model, recipe: Recipe, tokenizer, progress: bool = True) -> dict:
     """Train the merged model's bridge and router as the recipe says; {} when there is nothing to train."""
     spec = recipe.merge.calibrate
-    params = model.calibration_parameters(spec.saes)
+    params = model.calibration_parameters(spec.saes, spec.receiver)
     if spec.steps == 0 or not params:
         return {}
     batch_size = max(1, spec.batch_tokens // recipe.data.seq_len)

@@ -65,6 +65,13 @@ def onloaded(modules: list[nn.Module | None]) -> ExitStack:
     return stack
 
 
+
+def all_but_embeddings(model: PreTrainedModel) -> list[nn.Parameter]:
+    """A model's parameters but its input and output embeddings (tied or not)."""
+    embeddings = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
+                  for p in m.parameters()}
+    return [p for p in model.parameters() if id(p) not in embeddings]
+
 class SAEMergedForCausalLM(MergedModelFiles, PreTrainedModel, GenerationMixin):
     config_class = SAEMergedConfig
     base_model_prefix = "saemerge"
@@ -121,10 +128,12 @@ class SAEMergedForCausalLM(MergedModelFiles, PreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return self.target.get_output_embeddings()
 
-    def calibration_parameters(self, saes: bool = False) -> list[nn.Parameter]:
+    def calibration_parameters(self, saes: bool = False, receiver: bool = False) -> list[nn.Parameter]:
         """What calibration trains: the bridge's own parameters (the SAE bridge's gates; its SAEs too with `saes`)
-        and the router; the sources stay frozen."""
-        return self.bridge.calibration_parameters(saes) + (list(self.router.parameters()) if self.router else [])
+        and the router; with `receiver`, the target's weights too but its embeddings (tied or not, they would
+        learn the trained keys' tokens rather than to read the bridge); the other sources stay frozen."""
+        own = all_but_embeddings(self.target) if receiver else []
+        return self.bridge.calibration_parameters(saes) + (list(self.router.parameters()) if self.router else []) + own
 
     def new_cache(self) -> MergedCache:
         """An empty KV cache: one DynamicCache for each source run this wiring makes, and the bridge's own layers."""

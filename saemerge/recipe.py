@@ -101,11 +101,12 @@ class TrainSpec(Strict):
 
 
 class CalibrateSpec(Strict):
-    steps: int = Field(0, ge=0, description="Steps of next-token training of the bridge (the SAE bridge's gates, the linear and cross-attention bridges' maps) and the router; the sources stay frozen.")
+    steps: int = Field(0, ge=0, description="Steps of next-token training of the bridge (the SAE bridge's gates, the linear and cross-attention bridges' maps) and the router; the sources stay frozen (the target too unless `receiver`).")
     lr: float = Field(1e-2, gt=0, description="Adam learning rate for calibration.")
     batch_tokens: int = Field(2048, gt=0, description="Tokens per calibration step.")
     saes: bool = Field(False, description="`bridge: sae` only: fine-tune the SAEs (encoders, decoders) end to end with the gates, their reconstruction and alignment losses (as `latent` weighs them) kept as regularisers so the latents stay readable.")
     regularise: float = Field(1.0, ge=0, description="Weight of the SAEs' own losses beside the next-token loss when `saes` is set.")
+    receiver: bool = Field(False, description="Also train the target's own weights (all but its input and output embeddings), so that it learns to read what the bridge sends; needs `heads: target` and `save.storage: self-contained` (the target's weights change).")
 
 
 class MergeSpec(Strict):
@@ -179,6 +180,12 @@ def _cross_field_errors(recipe: Recipe) -> list[str]:
     if recipe.merge.calibrate.saes and recipe.merge.bridge != "sae":
         errors.append(f"merge.calibrate.saes: true with bridge '{recipe.merge.bridge}'; expected bridge: sae (only "
                       "its SAEs carry the features)")
+    if recipe.merge.calibrate.receiver and recipe.merge.heads != "target":
+        errors.append(f"merge.calibrate.receiver: true with heads '{recipe.merge.heads}'; expected heads: target (the "
+                      "receiver trained is the target)")
+    if recipe.merge.calibrate.receiver and recipe.save.storage != "self-contained":
+        errors.append("merge.calibrate.receiver: true with save.storage: reference; expected self-contained (the "
+                      "target's trained weights must be saved)")
     return errors + _lone_surrogates(recipe.model_dump())
 
 

@@ -134,3 +134,42 @@ def test_sae_fine_tuning_needs_the_sae_bridge(zoo, tmp_path):
         parse_recipe(raw)
     raw["merge"]["bridge"] = "sae"
     assert parse_recipe(raw).merge.calibrate.saes
+
+
+def test_receiver_training_moves_the_target_but_its_embeddings_and_saves(merges, batch, tmp_path):
+    """calibrate.receiver: the target learns to read the bridge; its embeddings and every other source stay."""
+    model = with_bridge(merges["target"], "cross_attention")
+    target = model.config.target
+    embeddings = {n for n, p in model.target.named_parameters()
+                  if any(p is q for m in (model.get_input_embeddings(), model.get_output_embeddings()) for q in m.parameters())}
+    before = {k: v.clone() for k, v in model.sources.state_dict().items()}
+    ids = batch["input_ids"][:, -6:]
+    first = model(ids, labels=ids).loss.item()
+    metrics = train_on_next_token_loss(model, model.calibration_parameters(receiver=True), iter([ids] * 20), 20, 1e-3,
+                                       progress=False)
+    assert metrics["loss_last"] < first - 0.1
+    after = model.sources.state_dict()
+    moved = {k for k, v in before.items() if not torch.equal(v, after[k])}
+    assert moved and all(k.startswith(f"{target}.") for k in moved)
+    assert embeddings and not moved & {f"{target}.{n}" for n in embeddings}
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model.eval()(**batch).logits)
+
+
+def test_receiver_training_needs_the_target_head_and_a_self_contained_folder(zoo, tmp_path):
+    from saemerge.errors import RecipeError
+    from saemerge.recipe import parse_recipe
+    from conftest import recipe_dict
+
+    raw = recipe_dict(zoo["gpt2"], zoo["gpt2_b"], tmp_path / "out", merge__bridge="cross_attention",
+                      merge__heads="mean", merge__calibrate={"steps": 1, "receiver": True})
+    with pytest.raises(RecipeError, match=r"merge.calibrate.receiver: true with heads 'mean'; expected heads: target"):
+        parse_recipe(raw)
+    raw["merge"]["heads"] = "target"
+    raw["save"] = {"storage": "reference"}
+    with pytest.raises(RecipeError, match=r"merge.calibrate.receiver: true with save.storage: reference; expected"):
+        parse_recipe(raw)
+    raw["save"] = {"storage": "self-contained"}
+    assert parse_recipe(raw).merge.calibrate.receiver

@@ -48,3 +48,11 @@ def test_numbers_are_digit_tokens_and_answers_are_right():
     for i in range(8):  # the loss is on the answer and its ' .' only: the labelled tokens end the row's text
         taken = ids[i][labels[i] != -100].tolist()
         assert taken[-1] == tok.convert_tokens_to_ids(".") and 2 <= len(taken) <= 4
+
+
+def test_one_digit_values_leave_the_keys_and_the_skill_data_as_they_were():
+    wide, narrow = Task(n_keys=200, seed=3), Task(n_keys=200, seed=3, values=10)
+    assert wide.split_keys == narrow.split_keys and set(narrow.values.values()) == set(range(10))
+    assert len(set(wide.values.values())) > 10
+    skill = lambda task: [e.text for _, e in zip(range(200), stream(task, "skill", 0))]
+    assert skill(wide) == skill(narrow)  # S is the same model in both variants

@@ -20,7 +20,6 @@ import argparse
 import copy
 import json
 import platform
-import random
 import sys
 import time
 from pathlib import Path
@@ -36,13 +35,15 @@ from score import exact_match, generation_speed  # noqa: E402
 from saemerge import merged_model  # noqa: E402
 from saemerge.calibrate import sae_regulariser, train_on_next_token_loss  # noqa: E402
 from saemerge.harvest import activation_batches  # noqa: E402
+from saemerge.modeling import all_but_embeddings  # noqa: E402
 from saemerge.recipe import CalibrateSpec, LatentSpec, MergeSpec, TrainSpec  # noqa: E402
 from saemerge.train import train_saes  # noqa: E402
 
 
 
 def slug(row: str) -> str:
-    return row.split(" (")[0].replace("bridge ", "").replace(", trained end to end", "-end-to-end").replace(" ", "-")
+    return row.split(" (")[0].replace("bridge ", "").replace(", trained end to end", "-end-to-end").replace(
+        ", receiver trained too", "-receiver").replace(" ", "-")
 
 
 def text_batches(task: Task, tokenizer, seed: int):
@@ -60,11 +61,11 @@ def text_batches(task: Task, tokenizer, seed: int):
 class Benchmark:
     def __init__(self, args):
         self.args = args
-        self.task = Task(args.keys, args.seed)
+        self.task = Task(args.keys, args.seed, values=args.values)
         self.tokenizer = self.task.tokenizer()
         self.models = {n: self.load(n) for n in ("K", "S")}
-        self.layers = {"K": [f"transformer.h.{i}" for i in args.k_layers],
-                       "S": [f"transformer.h.{i}" for i in args.s_layers]}
+        site = lambda s: f"transformer.h.{s}" if s.isdigit() else s  # a block's number or any module's name
+        self.layers = {"K": [site(s) for s in args.k_layers], "S": [site(s) for s in args.s_layers]}
         n = args.eval_examples
         # --choose scores the valid keys only (settings are chosen there); the test keys are scored once, at the end.
         self.sets = ({"valid": self.task.eval_set("valid", n)} if args.choose else
@@ -74,15 +75,12 @@ class Benchmark:
         self.speed_batch = torch.tensor([[self.tokenizer.bos_token_id] + self.tokenizer(e.prompt, add_special_tokens=False)[
             "input_ids"] for e in same[:64]])
         self.rows: list[dict] = []
-        if args.append and args.output.exists():  # rows of an earlier run, those measured again replaced
+        if (args.append or args.speed_only) and args.output.exists():  # rows of an earlier run, those measured again replaced
             self.rows = json.loads(args.output.read_text())["rows"]
         self._saes = None
 
     def load(self, name: str):
         return AutoModelForCausalLM.from_pretrained(self.args.runs / name, dtype=torch.float32).eval().requires_grad_(False)
-
-    def budget(self) -> int:
-        return self.args.steps * ROWS * SEQ_LEN
 
     def saes(self):
         """Aligned TopK SAEs on K's and S's residuals at the sites, trained once on the sources' own texts."""
@@ -106,10 +104,12 @@ class Benchmark:
                           calibrate=CalibrateSpec())
         return merged_model(dict(self.models), copy.deepcopy(self.saes()), self.layers, merge)
 
-    def train(self, model, params, lr: float, regulariser=None) -> dict:
+    def train(self, model, params, lr: float, regulariser=None, steps: int | None = None) -> dict:
+        if self.args.speed_only:
+            return {}
         start = time.time()
         metrics = train_on_next_token_loss(model, params, batches(self.task, "composition", self.tokenizer, self.args.seed + 1),
-                                           self.args.steps, lr, progress=not self.args.quiet, desc="training",
+                                           steps or self.args.steps, lr, progress=not self.args.quiet, desc="training",
                                            regulariser=regulariser)
         model.eval()
         return {**metrics, "seconds": round(time.time() - start), "lr": lr}
@@ -117,11 +117,18 @@ class Benchmark:
     def row(self, name: str, kind: str, build) -> None:
         if self.args.rows and not any(r in name for r in self.args.rows):
             return
+        if self.args.speed_only:  # what a row costs does not depend on what it learned: time it untrained
+            row = next((r for r in self.rows if r["row"] == name), None)
+            if row is None:
+                return
+            row["tokens_per_second"] = generation_speed(build()[0], self.speed_batch)
+            print(name, round(row["tokens_per_second"]), flush=True)
+            return
         start = time.time()
         model, trained, extra = build()
         scores = {split: exact_match(model, self.tokenizer, examples) for split, examples in self.sets.items()}
         row = {"row": name, "kind": kind, "trained_parameters": trained,
-               "training_tokens": self.budget() if trained else 0, **extra,
+               "training_tokens": extra.get("training", {}).get("steps", 0) * ROWS * SEQ_LEN, **extra,
                **{f"{split}": s["exact_match"] for split, s in scores.items()},
                "tokens_per_second": generation_speed(model, self.speed_batch), "seconds": round(time.time() - start)}
         self.rows = [r for r in self.rows if r["row"] != name] + [row]
@@ -153,18 +160,33 @@ class Benchmark:
             self.row("J: one model trained on K's, S's and the composition data (reference)", "reference",
                      lambda: (self.load("J"), 0, {}))
 
-        def bridge(name, gates=(), saes=False, lr=a.lr):
+        def bridge(name, gates=(), saes=False, lr=a.lr, receiver=False, steps=None):
             def build():
                 model = self.merged(bridge=name, gates=gates)
-                params = model.calibration_parameters(saes)
+                params = model.calibration_parameters(saes, receiver)
                 regulariser = sae_regulariser(model, self.latent) if saes else None
-                return model, count(params), {"training": self.train(model, params, lr, regulariser)}
+                return model, count(params), {"training": self.train(model, params, lr, regulariser, steps)}
             return build
         self.row("bridge sae (latent + token gates trained)", "bridge", bridge("sae", ("latent", "token")))
         self.row("bridge sae, trained end to end (SAEs + gates; SAE losses as regulariser)", "bridge",
                  bridge("sae", ("latent", "token"), saes=True, lr=a.sae_lr))
         self.row("bridge linear (dense map at the same position)", "bridge", bridge("linear"))
         self.row("bridge cross_attention (earlier and current positions)", "bridge", bridge("cross_attention"))
+
+        # S learns to read what the bridge sends (calibrate.receiver), beside its fair control: the same weights
+        # of S trained as long on the same data, without a bridge.
+        def receiver_control():
+            model = copy.deepcopy(self.models["S"])
+            params = all_but_embeddings(model)
+            return model, count(params), {"training": self.train(model, params, a.receiver_lr, steps=a.receiver_steps)}
+        self.row("control: S fine-tuned as the receiver below (all but embeddings, no bridge)", "control",
+                 receiver_control)
+        receiver = dict(lr=a.receiver_lr, receiver=True, steps=a.receiver_steps)
+        self.row("bridge sae, trained end to end, receiver trained too (calibrate.receiver)", "bridge",
+                 bridge("sae", ("latent", "token"), saes=True, **receiver))
+        self.row("bridge linear, receiver trained too (calibrate.receiver)", "bridge", bridge("linear", **receiver))
+        self.row("bridge cross_attention, receiver trained too (calibrate.receiver)", "bridge",
+                 bridge("cross_attention", **receiver))
 
     def write(self, seconds: float):
         result = {"task": {"keys": self.args.keys, "split_keys": {k: len(v) for k, v in self.task.split_keys.items()},
@@ -175,6 +197,12 @@ class Benchmark:
                   "saes": self._saes[1] if self._saes else None, "rows": self.rows,
                   "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                               "torch": torch.__version__}, "seconds": round(seconds)}
+        if (self.args.append or self.args.speed_only) and self.args.output.exists():
+            # the earlier run's fields stand where this one measured nothing (its SAEs, its total time)
+            earlier = json.loads(self.args.output.read_text())
+            result = {**earlier, **{k: v for k, v in result.items() if v is not None and k != "seconds"}}
+        if self.args.speed_only:
+            result["speed"] = {"measured": "--speed-only, nothing else running", "threads": torch.get_num_threads()}
         for log in result["sources"].values():
             log.pop("curve", None)
         self.args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -224,26 +252,29 @@ def plot(result: dict, path: Path) -> None:
     ax.axvline(80, color="gray", linestyle=":", linewidth=1)
     ax.set_xlabel("exact match (%)")
     ax.set_xlim(0, 100)
-    ax.legend(loc="lower right")
-    ax.set_title("Arithmetic over keys: K knows the numbers, S does arithmetic")
+    ax.legend(loc="upper right")
+    ax.set_title("Arithmetic over keys (K knows the numbers, S adds)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def arguments(description: str = __doc__) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=Path, default=HERE / "runs", help="folder of the trained K, S (and J)")
     parser.add_argument("--output", type=Path, default=HERE.parent / "results" / "composition.json")
     parser.add_argument("--keys", type=int, default=1000)
+    parser.add_argument("--values", type=int, default=100, help="keys are bound to 0 .. VALUES-1 (10: one digit)")
     parser.add_argument("--seed", type=int, default=0)
     # K's block 2: where a linear probe (trained on the train keys) reads a key's number best on the valid keys;
     # S's block 0: the most of S left after the injection.
-    parser.add_argument("--k-layers", type=int, nargs="+", default=[2])
-    parser.add_argument("--s-layers", type=int, nargs="+", default=[0])
+    parser.add_argument("--k-layers", nargs="+", default=["2"], help="K's sites: block numbers or module names")
+    parser.add_argument("--s-layers", nargs="+", default=["0"], help="S's sites (transformer.drop: the embeddings)")
     parser.add_argument("--steps", type=int, default=600, help="training steps of every trained row")
     parser.add_argument("--lr", type=float, default=1e-3, help="bridges' and router's learning rate")
     parser.add_argument("--ft-lr", type=float, default=3e-4, help="the fine-tuned control's learning rate")
+    parser.add_argument("--receiver-steps", type=int, default=2000, help="steps of the two receiver rows")
+    parser.add_argument("--receiver-lr", type=float, default=5e-4, help="their learning rate")
     parser.add_argument("--sae-lr", type=float, default=3e-4, help="learning rate of end-to-end SAE training")
     parser.add_argument("--latents", type=int, default=1024)
     parser.add_argument("--k", type=int, default=32)
@@ -252,9 +283,15 @@ def main():
     parser.add_argument("--rows", nargs="*", help="only rows whose name contains one of these")
     parser.add_argument("--choose", action="store_true", help="score the valid keys only (to choose settings)")
     parser.add_argument("--append", action="store_true", help="keep the rows of an earlier --output, replacing those run again")
+    parser.add_argument("--speed-only", action="store_true",
+                        help="time the rows of an earlier --output again (untrained: the cost is the same), nothing else")
     parser.add_argument("--save", action="store_true", help="save every bridge's merged model under RUNS/merges/")
     parser.add_argument("--quiet", action="store_true")
-    args = parser.parse_args()
+    return parser
+
+
+def main():
+    args = arguments().parse_args()
     torch.manual_seed(args.seed)
     start = time.time()
     bench = Benchmark(args)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -47,14 +46,15 @@ def spaced(n: int) -> str:
 
 
 class Task:
-    def __init__(self, n_keys: int = 1000, seed: int = 0, splits=(0.45, 0.05, 0.5)):
+    def __init__(self, n_keys: int = 1000, seed: int = 0, splits=(0.45, 0.05, 0.5), values: int = 100):
+        """`values`: the keys' numbers are 0 .. values - 1 (10: one digit, one position, like the key itself)."""
         rng = random.Random(seed)
         words = set()
         while len(words) < n_keys:
             words.add("".join(rng.choice(CONSONANTS if i % 2 == 0 else VOWELS) for i in range(5)))
         self.keys = sorted(words)
         rng.shuffle(self.keys)
-        self.values = {k: rng.choice(NUMBERS) for k in self.keys}
+        self.values = {k: rng.choice(range(values)) for k in self.keys}
         a, b = round(splits[0] * n_keys), round((splits[0] + splits[1]) * n_keys)
         self.split_keys = {"train": self.keys[:a], "valid": self.keys[a:b], "test": self.keys[b:]}
         self.seed = seed

@@ -33,7 +33,7 @@ def exact_match(model, tokenizer, examples, batch_size: int = 64, max_new_tokens
 
 
 @torch.no_grad()
-def generation_speed(model, ids: torch.Tensor, new_tokens: int = 8, repeats: int = 3) -> float:
+def generation_speed(model, ids: torch.Tensor, new_tokens: int = 8, repeats: int = 15) -> float:
     """Generated tokens per second on one batch of equal-length prompts, every row generating `new_tokens`
     (no early stop), median of `repeats` runs after a warm-up."""
     model.eval()

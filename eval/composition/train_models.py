@@ -64,13 +64,14 @@ def main():
     parser.add_argument("--steps", type=json.loads, default={"K": 1500, "S": 1000},
                         help='steps per model as JSON, e.g. \'{"K": 1500, "S": 2000}\' (J: the sum)')
     parser.add_argument("--keys", type=int, default=1000)
+    parser.add_argument("--values", type=int, default=100, help="keys are bound to 0 .. VALUES-1 (10: one digit)")
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1.5e-3)
     parser.add_argument("--arch", choices=["gpt2", "llama"], default="gpt2")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.manual_seed(args.seed)
-    task = Task(args.keys, args.seed)
+    task = Task(args.keys, args.seed, values=args.values)
     tokenizer = task.tokenizer()
     for name in args.names:
         steps = args.steps.get(name, sum(args.steps.values()))
@@ -93,7 +94,7 @@ def main():
         tokenizer.save_pretrained(out)
         (out / "train_log.json").write_text(json.dumps(
             {"kind": KINDS[name], "steps": steps, "tokens": steps * ROWS * SEQ_LEN, "seconds": round(seconds),
-             "skills": measured, "curve": curve, "keys": args.keys, "seed": args.seed}, indent=2))
+             "skills": measured, "curve": curve, "keys": args.keys, "values": args.values, "seed": args.seed}, indent=2))
         print(f"{name}: {measured} in {seconds:.0f}s -> {out}", flush=True)
 
 
