@@ -65,12 +65,12 @@ def onloaded(modules: list[nn.Module | None]) -> ExitStack:
     return stack
 
 
-
 def all_but_embeddings(model: PreTrainedModel) -> list[nn.Parameter]:
     """A model's parameters but its input and output embeddings (tied or not)."""
     embeddings = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
                   for p in m.parameters()}
     return [p for p in model.parameters() if id(p) not in embeddings]
+
 
 class SAEMergedForCausalLM(MergedModelFiles, PreTrainedModel, GenerationMixin):
     config_class = SAEMergedConfig
@@ -130,8 +130,8 @@ class SAEMergedForCausalLM(MergedModelFiles, PreTrainedModel, GenerationMixin):
 
     def calibration_parameters(self, saes: bool = False, receiver: bool = False) -> list[nn.Parameter]:
         """What calibration trains: the bridge's own parameters (the SAE bridge's gates; its SAEs too with `saes`)
-        and the router; with `receiver`, the target's weights too but its embeddings (tied or not, they would
-        learn the trained keys' tokens rather than to read the bridge); the other sources stay frozen."""
+        and the router; with `receiver`, the target's weights too but not its embeddings (those would memorise the
+        training tokens instead of learning to read the bridge); the other sources stay frozen."""
         own = all_but_embeddings(self.target) if receiver else []
         return self.bridge.calibration_parameters(saes) + (list(self.router.parameters()) if self.router else []) + own
 

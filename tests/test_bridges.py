@@ -140,8 +140,8 @@ def test_receiver_training_moves_the_target_but_its_embeddings_and_saves(merges,
     """calibrate.receiver: the target learns to read the bridge; its embeddings and every other source stay."""
     model = with_bridge(merges["target"], "cross_attention")
     target = model.config.target
-    embeddings = {n for n, p in model.target.named_parameters()
-                  if any(p is q for m in (model.get_input_embeddings(), model.get_output_embeddings()) for q in m.parameters())}
+    tables = [q for m in (model.get_input_embeddings(), model.get_output_embeddings()) for q in m.parameters()]
+    embeddings = {n for n, p in model.target.named_parameters() if any(p is q for q in tables)}
     before = {k: v.clone() for k, v in model.sources.state_dict().items()}
     ids = batch["input_ids"][:, -6:]
     first = model(ids, labels=ids).loss.item()

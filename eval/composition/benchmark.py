@@ -197,12 +197,12 @@ class Benchmark:
                   "saes": self._saes[1] if self._saes else None, "rows": self.rows,
                   "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                               "torch": torch.__version__}, "seconds": round(seconds)}
-        if (self.args.append or self.args.speed_only) and self.args.output.exists():
-            # the earlier run's fields stand where this one measured nothing (its SAEs, its total time)
-            earlier = json.loads(self.args.output.read_text())
+        if self.args.speed_only:  # only the speeds are new (the SAEs trained for it were throwaway)
+            result = {**json.loads(self.args.output.read_text()), "rows": self.rows,
+                      "speed": {"measured": "--speed-only", "threads": torch.get_num_threads()}}
+        elif self.args.append and self.args.output.exists():  # the earlier run's fields stand where this one
+            earlier = json.loads(self.args.output.read_text())  # measured nothing (its SAEs, its total time)
             result = {**earlier, **{k: v for k, v in result.items() if v is not None and k != "seconds"}}
-        if self.args.speed_only:
-            result["speed"] = {"measured": "--speed-only, nothing else running", "threads": torch.get_num_threads()}
         for log in result["sources"].values():
             log.pop("curve", None)
         self.args.output.parent.mkdir(parents=True, exist_ok=True)
