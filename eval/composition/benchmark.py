@@ -2,16 +2,19 @@
 """The composition benchmark: can a merge of K (knows key -> number) and S (does arithmetic) answer arithmetic over
 keys it was never trained to compose, where every ensemble must fail?
 
-    python eval/composition/train_models.py K S J      # the sources and the joint reference (~20 min)
-    python eval/composition/benchmark.py               # every row below (~40 min); --quick for a smoke run
+    python eval/composition/train_models.py K S J      # the sources and the joint reference (~22 min)
+    python eval/composition/benchmark.py               # every row below (README: times); --rows for a subset
 
-Rows: K alone, S alone, the logit ensemble and the routed ensemble (heads mean / router, scale 0), S fine-tuned on
-the composition training set (the control: it cannot know the held-out keys' numbers), J trained on everything
-(a reference), and the bridges: sae (gates calibrated), sae trained end to end, linear, cross_attention. Every
-trained row gets the same budget: `--steps` steps of 128 rows x 16 tokens of compositions over the train keys, the
-loss on the answers. Settings (sites, learning rates) were chosen on the valid keys; test keys are scored once.
+Rows: K alone, S alone, the logit and routed ensembles (heads mean / router, scale 0), S fine-tuned on the
+composition training set (the control: it cannot know the held-out keys' numbers), J trained on everything (a
+reference), the bridges with S frozen (sae with gates, sae trained end to end, linear, cross_attention; 600
+steps each), and the three bridges with S trained as the receiver too (`calibrate.receiver`; `--receiver-steps`)
+beside their control, S trained the same way without a bridge. Every row trains on batches of 128 rows x 16
+tokens of compositions over the train keys, the loss on the answers. Settings (sites, steps, learning rates) were
+chosen on the valid keys (`--choose`, learning_curve.py); the test keys are scored once.
 Scores: exact match of greedy generation on one problem per test key (held out) and on fresh problems over the
-train keys (seen); tokens/s of that generation beside S alone. Writes eval/results/composition.json and a plot.
+train keys (seen); tokens/s of that generation beside S alone (`--speed-only` times every row again at once).
+Writes eval/results/composition.json and a plot.
 """
 
 from __future__ import annotations
