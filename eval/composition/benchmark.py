@@ -154,11 +154,14 @@ class Benchmark:
             return model, count(params), {"training": self.train(model, params, a.lr)}
         self.row("routed ensemble (heads router, scale 0, router trained)", "ensemble", routed)
 
-        def fine_tuned():
-            model = copy.deepcopy(self.models["S"])
-            params = list(model.parameters())
-            return model, count(params), {"training": self.train(model, params, a.ft_lr)}
-        self.row("control: S fine-tuned on the compositions (all weights)", "control", fine_tuned)
+        def fine_tuned(which, lr, steps=None):  # a control: S alone, `which(S)` of its weights trained
+            def build():
+                model = copy.deepcopy(self.models["S"])
+                params = which(model)
+                return model, count(params), {"training": self.train(model, params, lr, steps=steps)}
+            return build
+        self.row("control: S fine-tuned on the compositions (all weights)", "control",
+                 fine_tuned(lambda m: list(m.parameters()), a.ft_lr))
         if (a.runs / "J").exists():
             self.row("J: one model trained on K's, S's and the composition data (reference)", "reference",
                      lambda: (self.load("J"), 0, {}))
@@ -178,12 +181,8 @@ class Benchmark:
 
         # S learns to read what the bridge sends (calibrate.receiver), beside its fair control: the same weights
         # of S trained as long on the same data, without a bridge.
-        def receiver_control():
-            model = copy.deepcopy(self.models["S"])
-            params = all_but_embeddings(model)
-            return model, count(params), {"training": self.train(model, params, a.receiver_lr, steps=a.receiver_steps)}
         self.row("control: S fine-tuned as the receiver below (all but embeddings, no bridge)", "control",
-                 receiver_control)
+                 fine_tuned(all_but_embeddings, a.receiver_lr, a.receiver_steps))
         receiver = dict(lr=a.receiver_lr, receiver=True, steps=a.receiver_steps)
         self.row("bridge sae, trained end to end, receiver trained too (calibrate.receiver)", "bridge",
                  bridge("sae", ("latent", "token"), saes=True, **receiver))
