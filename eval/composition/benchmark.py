@@ -15,6 +15,9 @@ chosen on the valid keys (`--choose`, learning_curve.py); the test keys are scor
 Scores: exact match of greedy generation on one problem per test key (held out) and on fresh problems over the
 train keys (seen); tokens/s of that generation beside S alone (`--speed-only` times every row again at once).
 Writes eval/results/composition.json and a plot.
+
+`--skill-model` runs the real-model case (copy_task.py: S a pretrained model whose skill is copying a number into a
+sentence, K trained on its tokenizer by `train_models.py K --skill-model`); README: the command and its settings.
 """
 
 from __future__ import annotations
@@ -32,12 +35,14 @@ from transformers import AutoModelForCausalLM
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from data import ROWS, SEQ_LEN, Task, batches, stream  # noqa: E402
+from copy_task import CopyTask  # noqa: E402
+from data import Task, batches, encode, stream  # noqa: E402
 from score import exact_match, generation_speed  # noqa: E402
 
 from saemerge import merged_model  # noqa: E402
 from saemerge.calibrate import sae_regulariser, train_on_next_token_loss  # noqa: E402
 from saemerge.harvest import activation_batches  # noqa: E402
+from saemerge.hooks import resolve_layer  # noqa: E402
 from saemerge.modeling import all_but_embeddings  # noqa: E402
 from saemerge.recipe import CalibrateSpec, LatentSpec, MergeSpec, TrainSpec  # noqa: E402
 from saemerge.train import train_saes  # noqa: E402
@@ -57,39 +62,42 @@ def text_batches(task: Task, tokenizer, seed: int):
         ids = [tokenizer.bos_token_id] + tokenizer(next(texts).text, add_special_tokens=False)["input_ids"]
         bucket = by_length.setdefault(len(ids), [])
         bucket.append(ids)
-        if len(bucket) == ROWS:
+        if len(bucket) == task.rows:
             yield torch.tensor(by_length.pop(len(ids)))
 
 
 class Benchmark:
     def __init__(self, args):
         self.args = args
-        self.task = Task(args.keys, args.seed, values=args.values)
+        self.task = (CopyTask(args.skill_model, args.keys, args.seed, values=args.values) if args.skill_model else
+                     Task(args.keys, args.seed, values=args.values))
         self.tokenizer = self.task.tokenizer()
         self.models = {n: self.load(n) for n in ("K", "S")}
-        site = lambda s: f"transformer.h.{s}" if s.isdigit() else s  # a block's number or any module's name
-        self.layers = {"K": [site(s) for s in args.k_layers], "S": [site(s) for s in args.s_layers]}
+        self.layers = {n: [resolve_layer(self.models[n], s) for s in sites]  # block numbers or module names
+                       for n, sites in (("K", args.k_layers), ("S", args.s_layers))}
         n = args.eval_examples
         # --choose scores the valid keys only (settings are chosen there); the test keys are scored once, at the end.
         self.sets = ({"valid": self.task.eval_set("valid", n)} if args.choose else
                      {"held-out": self.task.eval_set("test", n), "seen": self.task.eval_set("train", n)})
-        # 64 problems of one length (held-out keys, the first template): the generation speed batch.
-        same = [e for e in self.task.eval_set("test", 512) if e.prompt.split()[0] == e.key and len(e.prompt.split()) == 5]
-        self.speed_batch = torch.tensor([[self.tokenizer.bos_token_id] + self.tokenizer(e.prompt, add_special_tokens=False)[
-            "input_ids"] for e in same[:64]])
+        # 64 problems over held-out keys, of the commonest length: the generation speed batch.
+        prompts = [encode(e, self.tokenizer)[0] for e in self.task.eval_set("test", 512)]
+        length = max({len(p) for p in prompts}, key=[len(p) for p in prompts].count)
+        self.speed_batch = torch.tensor([p for p in prompts if len(p) == length][:64])
         self.rows: list[dict] = []
+        self.batch_tokens = self.task.rows * self.task.seq_len
         if (args.append or args.speed_only) and args.output.exists():  # rows of an earlier run, those measured again replaced
             self.rows = json.loads(args.output.read_text())["rows"]
         self._saes = None
 
     def load(self, name: str):
-        return AutoModelForCausalLM.from_pretrained(self.args.runs / name, dtype=torch.float32).eval().requires_grad_(False)
+        folder = self.args.skill_model if name == "S" and self.args.skill_model else self.args.runs / name
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval().requires_grad_(False)
 
     def saes(self):
         """Aligned TopK SAEs on K's and S's residuals at the sites, trained once on the sources' own texts."""
         if self._saes is None:
             latent = LatentSpec(size=self.args.latents, k=self.args.k)
-            train = TrainSpec(batch_tokens=ROWS * SEQ_LEN, lr=1e-3, seed=self.args.seed)
+            train = TrainSpec(batch_tokens=self.batch_tokens, lr=1e-3, seed=self.args.seed)
             stream_ = lambda start: activation_batches(self.models, self.layers, text_batches(self.task, self.tokenizer,
                                                                                                self.args.seed), start,
                                                        shuffle_batches=8, seed=self.args.seed)
@@ -98,7 +106,7 @@ class Benchmark:
             saes, metrics = train_saes(stream_, latent, train, self.args.sae_steps,
                                        held_back=(next(held_back) for _ in range(4)), progress=not self.args.quiet)
             self._saes = saes, {"seconds": round(time.time() - start), "steps": self.args.sae_steps,
-                                "tokens": self.args.sae_steps * ROWS * SEQ_LEN, **metrics}
+                                "tokens": self.args.sae_steps * self.batch_tokens, **metrics}
             self.latent = latent
         return self._saes[0]
 
@@ -124,16 +132,17 @@ class Benchmark:
             row = next((r for r in self.rows if r["row"] == name), None)
             if row is None:
                 return
-            row["tokens_per_second"] = generation_speed(build()[0], self.speed_batch)
+            row["tokens_per_second"] = generation_speed(build()[0], self.speed_batch, repeats=self.args.speed_repeats)
             print(name, round(row["tokens_per_second"]), flush=True)
             return
         start = time.time()
         model, trained, extra = build()
         scores = {split: exact_match(model, self.tokenizer, examples) for split, examples in self.sets.items()}
         row = {"row": name, "kind": kind, "trained_parameters": trained,
-               "training_tokens": extra.get("training", {}).get("steps", 0) * ROWS * SEQ_LEN, **extra,
+               "training_tokens": extra.get("training", {}).get("steps", 0) * self.batch_tokens, **extra,
                **{f"{split}": s["exact_match"] for split, s in scores.items()},
-               "tokens_per_second": generation_speed(model, self.speed_batch), "seconds": round(time.time() - start)}
+               "tokens_per_second": generation_speed(model, self.speed_batch, repeats=self.args.speed_repeats),
+               "seconds": round(time.time() - start)}
         self.rows = [r for r in self.rows if r["row"] != name] + [row]
         print(json.dumps(row), flush=True)
         if kind == "bridge" and self.args.save:  # a merged model folder like any other (explain_sae.py reads it)
@@ -145,7 +154,7 @@ class Benchmark:
         a = self.args
         count = lambda params: sum(p.numel() for p in params)
         self.row("K alone (knows the keys)", "source", lambda: (self.models["K"], 0, {}))
-        self.row("S alone (does arithmetic)", "source", lambda: (self.models["S"], 0, {}))
+        self.row(f"S alone ({self.task.s_does})", "source", lambda: (self.models["S"], 0, {}))
         self.row("logit ensemble (heads mean, scale 0)", "ensemble", lambda: (self.merged(heads="mean", scale=0), 0, {}))
 
         def routed():
@@ -190,12 +199,21 @@ class Benchmark:
         self.row("bridge cross_attention, receiver trained too (calibrate.receiver)", "bridge",
                  bridge("cross_attention", **receiver))
 
+    def pretrained_skill(self) -> dict:
+        """A pretrained S's skill on plain numbers (a trained S has its own in train_log.json)."""
+        if not self.args.skill_model:
+            return {}
+        copy_ = exact_match(self.models["S"], self.tokenizer, self.task.eval_set("skill", self.args.eval_examples))
+        return {"S": {"model": str(self.args.skill_model), "skills": {self.task.skill_name: copy_["exact_match"]}}}
+
     def write(self, seconds: float):
-        result = {"task": {"keys": self.args.keys, "split_keys": {k: len(v) for k, v in self.task.split_keys.items()},
+        skill_model = str(self.args.skill_model) if self.args.skill_model else None
+        result = {"task": {"kind": self.task.skill_name, "title": self.task.title, "skill_model": skill_model,
+                           "keys": self.args.keys, "split_keys": {k: len(v) for k, v in self.task.split_keys.items()},
                            "eval_examples": self.args.eval_examples, "seed": self.args.seed},
                   "sources": {n: json.loads((self.args.runs / n / "train_log.json").read_text())
-                              for n in ("K", "S", "J") if (self.args.runs / n).exists()},
-                  "layers": self.layers, "steps": self.args.steps, "batch": [ROWS, SEQ_LEN],
+                              for n in ("K", "S", "J") if (self.args.runs / n).exists()} | self.pretrained_skill(),
+                  "layers": self.layers, "steps": self.args.steps, "batch": [self.task.rows, self.task.seq_len],
                   "saes": self._saes[1] if self._saes else None, "rows": self.rows,
                   "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                               "torch": torch.__version__}, "seconds": round(seconds)}
@@ -255,7 +273,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_xlabel("exact match (%)")
     ax.set_xlim(0, 100)
     ax.legend(loc="upper right")
-    ax.set_title("Arithmetic over keys (K knows the numbers, S adds)", fontsize=10)
+    ax.set_title(result["task"].get("title", Task.title), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -264,6 +282,8 @@ def plot(result: dict, path: Path) -> None:
 def arguments(description: str = __doc__) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=Path, default=HERE / "runs", help="folder of the trained K, S (and J)")
+    parser.add_argument("--skill-model", type=Path, help="the real-model case (copy_task.py): S is this pretrained "
+                        "model, K the one trained on its tokenizer (in --runs)")
     parser.add_argument("--output", type=Path, default=HERE.parent / "results" / "composition.json")
     parser.add_argument("--keys", type=int, default=1000)
     parser.add_argument("--values", type=int, default=100, help="keys are bound to 0 .. VALUES-1 (10: one digit)")
@@ -282,6 +302,7 @@ def arguments(description: str = __doc__) -> argparse.ArgumentParser:
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--sae-steps", type=int, default=400)
     parser.add_argument("--eval-examples", type=int, default=500)
+    parser.add_argument("--speed-repeats", type=int, default=15, help="timed generations per row (the median counts)")
     parser.add_argument("--rows", nargs="*", help="only rows whose name contains one of these")
     parser.add_argument("--choose", action="store_true", help="score the valid keys only (to choose settings)")
     parser.add_argument("--append", action="store_true", help="keep the rows of an earlier --output, replacing those run again")

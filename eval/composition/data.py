@@ -46,6 +46,11 @@ def spaced(n: int) -> str:
 
 
 class Task:
+    knowledge_templates = KNOWLEDGE
+    rows, seq_len = 128, 16  # a training batch: 2,048 tokens; the longest example is 13 tokens
+    skill_name, title = "arithmetic", "Arithmetic over keys (K knows the numbers, S adds)"
+    s_does = "does arithmetic"
+
     def __init__(self, n_keys: int = 1000, seed: int = 0, splits=(0.45, 0.05, 0.5), values: int = 100):
         """`values`: the keys' numbers are 0 .. values - 1 (10: one digit, one position, like the key itself)."""
         rng = random.Random(seed)
@@ -67,7 +72,15 @@ class Task:
             template = rng.choice(DIGITS)
             answer = str(v // 10) if "{t}" in template else str(v % 10)
             return Example(template.format(k=k, t="@", u="@").split(" @")[0], answer, k)
-        return Example(rng.choice(KNOWLEDGE).format(k=k, v="@").split(" @")[0], spaced(v), k)
+        return Example(rng.choice(self.knowledge_templates).format(k=k, v="@").split(" @")[0], self.write(v), k)
+
+    def write(self, n: int) -> str:
+        """A number as the answer holds it (here its tokens: '- 8', '1 2 3')."""
+        return spaced(n)
+
+    def skill(self, rng: random.Random, a: int | str | None = None) -> Example:
+        """S's skill over a plain number or, when `a` is a key, over its number (the composition)."""
+        return self.arithmetic(rng, a)
 
     def arithmetic(self, rng: random.Random, a: int | str | None = None) -> Example:
         """`a` plus or minus one of OPERANDS, `a` a plain number or, when given, a key. (With any second operand
@@ -82,21 +95,21 @@ class Task:
         return Example(prompt.split(" @")[0], spaced(c), first if isinstance(first, str) else None)
 
     def composition(self, rng: random.Random, split: str) -> Example:
-        return self.arithmetic(rng, rng.choice(self.split_keys[split]))
+        return self.skill(rng, rng.choice(self.split_keys[split]))
 
     def recall(self, key: str) -> Example:
-        return Example(RECALL.format(k=key), spaced(self.values[key]), key)
+        return Example(RECALL.format(k=key), self.write(self.values[key]), key)
 
     # --- evaluation sets (fixed seeds, distinct from every training stream) ------------------------------------
     def eval_set(self, kind: str, n: int) -> list[Example]:
         rng = random.Random(f"{self.seed}-eval-{kind}")
-        if kind == "arithmetic":
-            return [self.arithmetic(rng) for _ in range(n)]
+        if kind in ("skill", "arithmetic"):
+            return [self.skill(rng) for _ in range(n)]
         if kind == "recall":
             return [self.recall(k) for k in rng.sample(self.keys, min(n, len(self.keys)))]
         # one problem per key of the split, cycling, so every held-out key is asked about
         keys = self.split_keys[kind]
-        return [self.arithmetic(rng, keys[i % len(keys)]) for i in range(n)]
+        return [self.skill(rng, keys[i % len(keys)]) for i in range(n)]
 
     def tokenizer(self) -> PreTrainedTokenizerFast:
         words = {w for t in KNOWLEDGE + DIGITS + SKILL + [RECALL] for w in t.split() if not w.startswith("{")}
@@ -108,14 +121,26 @@ class Task:
                                        pad_token="<pad>")
 
 
+def encode(example: Example, tokenizer) -> tuple[list[int], list[int]]:
+    """(<s> and the prompt's tokens, the answer's tokens and the ' .' ending it), as the whole text tokenises: a
+    pretrained S's tokenizer writes ' 37' as ' ', '3', '7', not as '37' alone would be."""
+    prompt = [tokenizer.bos_token_id] + tokenizer(example.prompt, add_special_tokens=False)["input_ids"]
+    text = [tokenizer.bos_token_id] + tokenizer(example.text, add_special_tokens=False)["input_ids"]
+    if text[:len(prompt)] != prompt:
+        raise ValueError(f"the prompt of {example.text!r} does not tokenise the same alone")
+    return prompt, text[len(prompt):]
+
+
 def row(example: Example, tokenizer, seq_len: int) -> tuple[list[int], list[int]]:
     """One training row: <s>, one example, right-padded to `seq_len`; labels only on the answer and the ' .' ending
     it (the prompt's random keys and operands carry nothing to learn). One example per row, not packed, so a
     prompt always starts at position 1, as every question is asked."""
-    prompt = [tokenizer.bos_token_id] + tokenizer(example.prompt, add_special_tokens=False)["input_ids"]
-    answer = tokenizer(f"{example.answer} .", add_special_tokens=False)["input_ids"]
+    prompt, answer = encode(example, tokenizer)
     pad = seq_len - len(prompt) - len(answer)
-    return prompt + answer + [tokenizer.pad_token_id] * pad, [-100] * len(prompt) + answer + [-100] * pad
+    if pad < 0:
+        raise ValueError(f"{example.text!r} is longer than {seq_len} tokens")
+    pad_id = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+    return prompt + answer + [pad_id] * pad, [-100] * len(prompt) + answer + [-100] * pad
 
 
 def batch(examples, tokenizer, size: int, seq_len: int):
@@ -126,14 +151,15 @@ def batch(examples, tokenizer, size: int, seq_len: int):
     return torch.tensor([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])
 
 
-ROWS, SEQ_LEN = 128, 16  # 2,048 tokens per training step; the longest example is 13 tokens
+ROWS, SEQ_LEN = Task.rows, Task.seq_len
 
 
-def batches(task: "Task", kind: str, tokenizer, seed: int):
-    """Endless training batches (ids, labels) of one kind of example (see `stream`)."""
+def batches(task: "Task", kind: str, tokenizer, seed: int, rows: int | None = None):
+    """Endless training batches (ids, labels) of one kind of example (see `stream`), `task.rows` rows each unless
+    told."""
     examples = stream(task, kind, seed)
     while True:
-        yield batch(examples, tokenizer, ROWS, SEQ_LEN)
+        yield batch(examples, tokenizer, rows or task.rows, task.seq_len)
 
 
 def stream(task: Task, kind: str, seed: int):
@@ -145,6 +171,6 @@ def stream(task: Task, kind: str, seed: int):
         if pick == "knowledge":
             yield task.knowledge(rng)
         elif pick == "skill":
-            yield task.arithmetic(rng)
+            yield task.skill(rng)
         else:
             yield task.composition(rng, "train")

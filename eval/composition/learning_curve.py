@@ -17,7 +17,7 @@ import time
 
 import torch
 from benchmark import Benchmark, arguments
-from data import SEQ_LEN, batches, row
+from data import batches, row
 
 from saemerge.calibrate import train_on_next_token_loss
 
@@ -49,7 +49,7 @@ def main():
     bench = Benchmark(args)
     model = bench.merged(bridge=args.bridge, gates=("latent", "token") if args.bridge == "sae" else ())
     params = model.calibration_parameters(receiver=args.receiver)
-    rows = [row(e, bench.tokenizer, SEQ_LEN) for e in bench.task.eval_set("valid", args.eval_examples)]
+    rows = [row(e, bench.tokenizer, bench.task.seq_len) for e in bench.task.eval_set("valid", args.eval_examples)]
     ids, labels = torch.tensor([r[0] for r in rows]), torch.tensor([r[1] for r in rows])
     data, start = batches(bench.task, "composition", bench.tokenizer, args.seed + 1), time.time()
     for done in range(args.every, args.steps + 1, args.every):

@@ -6,6 +6,7 @@ import time
 from collections import defaultdict
 
 import torch
+from data import encode
 
 
 @torch.no_grad()
@@ -13,11 +14,11 @@ def exact_match(model, tokenizer, examples, batch_size: int = 64, max_new_tokens
     """The share of `examples` whose greedy answer (the tokens generated before ' .') is exactly theirs.
     Prompts are batched by length, so no padding enters any model (speed: `generation_speed`)."""
     model.eval()
-    stop = tokenizer.convert_tokens_to_ids(".")
     by_length = defaultdict(list)
     for e in examples:
-        ids = [tokenizer.bos_token_id] + tokenizer(e.prompt, add_special_tokens=False)["input_ids"]
-        by_length[len(ids)].append((ids, tokenizer(e.answer, add_special_tokens=False)["input_ids"]))
+        ids, answer = encode(e, tokenizer)
+        *answer, stop = answer  # the answer's tokens, then ' .'
+        by_length[len(ids)].append((ids, answer))
     right = 0
     for items in by_length.values():
         for i in range(0, len(items), batch_size):

@@ -4,9 +4,15 @@
     python eval/composition/train_models.py K S J --output eval/composition/runs
 
 A small GPT-2 each (4 blocks, width 128, 4 heads) on the shared word-level tokenizer, AdamW with warm-up
-and cosine decay, batches of 128 rows x 16 tokens (one example per row, the loss on its answer). K reads key-value statements only, S arithmetic only, J all of
-those plus the compositions over the train keys, for K's and S's steps together. Each model's skill is measured
-at the end (K: recall of every binding; S: arithmetic on plain numbers) and written to train_log.json.
+and cosine decay, batches of 128 rows x 16 tokens (one example per row, the loss on its answer). K reads key-value
+statements only, S arithmetic only, J all of those plus the compositions over the train keys, for K's and S's
+steps together. Each model's skill is measured at the end (K: recall of every binding; S: arithmetic on plain
+numbers) and written to train_log.json.
+
+The real-model case (copy_task.py): S is a pretrained model, so only K is trained, on S's tokenizer:
+
+    python eval/composition/train_models.py K --skill-model models/smollm2-135m-hf --steps '{"K": 3000}' \
+        --rows 64 --output eval/composition/runs/copy-smollm2
 """
 
 from __future__ import annotations
@@ -22,10 +28,20 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from data import ROWS, SEQ_LEN, Task, batches  # noqa: E402
+from copy_task import CopyTask  # noqa: E402
+from data import ROWS, Task, batches  # noqa: E402
 from score import exact_match  # noqa: E402
 
 KINDS = {"K": "knowledge", "S": "skill", "J": "joint"}
+
+
+def answer_loss(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy on the labelled tokens, the head applied there only (a pretrained S's vocabulary
+    makes the head over every position cost more than the rest of a small model)."""
+    hidden = model.base_model(ids).last_hidden_state[:, :-1]
+    targets = labels[:, 1:]
+    taken = targets != -100
+    return torch.nn.functional.cross_entropy(model.get_output_embeddings()(hidden[taken]), targets[taken])
 
 
 def train_lm(model, data, steps: int, lr: float, warmup: int = 50, log=print) -> list[dict]:
@@ -40,7 +56,7 @@ def train_lm(model, data, steps: int, lr: float, warmup: int = 50, log=print) ->
     curve, start = [], time.time()
     for step in range(steps):
         ids, labels = next(data)
-        loss = model(ids, labels=labels).loss
+        loss = answer_loss(model, ids, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -54,7 +70,7 @@ def train_lm(model, data, steps: int, lr: float, warmup: int = 50, log=print) ->
 
 def skills(model, tokenizer, task: Task, n: int = 500) -> dict:
     return {"recall": exact_match(model, tokenizer, task.eval_set("recall", len(task.keys)))["exact_match"],
-            "arithmetic": exact_match(model, tokenizer, task.eval_set("arithmetic", n))["exact_match"]}
+            task.skill_name: exact_match(model, tokenizer, task.eval_set("skill", n))["exact_match"]}
 
 
 def main():
@@ -69,9 +85,15 @@ def main():
     parser.add_argument("--lr", type=float, default=1.5e-3)
     parser.add_argument("--arch", choices=["gpt2", "llama"], default="gpt2")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skill-model", type=Path, help="the real-model case (copy_task.py): K on this pretrained "
+                        "S's tokenizer, the skill measured is copying")
+    parser.add_argument("--rows", type=int, default=ROWS, help="rows per batch (each row one example)")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
-    task = Task(args.keys, args.seed, values=args.values)
+    task = CopyTask(args.skill_model, args.keys, args.seed, values=args.values) if args.skill_model else Task(
+        args.keys, args.seed, values=args.values)
+    if args.skill_model and args.names != ["K"]:
+        parser.error("with --skill-model, train K only: S is the pretrained model")
     tokenizer = task.tokenizer()
     for name in args.names:
         steps = args.steps.get(name, sum(args.steps.values()))
@@ -81,11 +103,11 @@ def main():
         if args.arch == "llama":
             model = LlamaForCausalLM(LlamaConfig(hidden_size=args.width, intermediate_size=4 * args.width,
                                                  num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-                                                 max_position_embeddings=SEQ_LEN, tie_word_embeddings=True, **ids))
+                                                 max_position_embeddings=task.seq_len, tie_word_embeddings=True, **ids))
         else:
-            model = GPT2LMHeadModel(GPT2Config(n_positions=SEQ_LEN, n_embd=args.width, n_layer=4, n_head=4, **ids))
+            model = GPT2LMHeadModel(GPT2Config(n_positions=task.seq_len, n_embd=args.width, n_layer=4, n_head=4, **ids))
         start = time.time()
-        curve = train_lm(model, batches(task, KINDS[name], tokenizer, args.seed), steps, args.lr,
+        curve = train_lm(model, batches(task, KINDS[name], tokenizer, args.seed, args.rows), steps, args.lr,
                          log=lambda line: print(f"{name} {line}", flush=True))
         seconds = time.time() - start
         measured = skills(model, tokenizer, task)
@@ -93,7 +115,7 @@ def main():
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
         (out / "train_log.json").write_text(json.dumps(
-            {"kind": KINDS[name], "steps": steps, "tokens": steps * ROWS * SEQ_LEN, "seconds": round(seconds),
+            {"kind": KINDS[name], "steps": steps, "tokens": steps * args.rows * task.seq_len, "seconds": round(seconds),
              "skills": measured, "curve": curve, "keys": args.keys, "values": args.values, "seed": args.seed}, indent=2))
         print(f"{name}: {measured} in {seconds:.0f}s -> {out}", flush=True)
 
