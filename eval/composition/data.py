@@ -151,9 +151,6 @@ def batch(examples, tokenizer, size: int, seq_len: int):
     return torch.tensor([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])
 
 
-ROWS, SEQ_LEN = Task.rows, Task.seq_len
-
-
 def batches(task: "Task", kind: str, tokenizer, seed: int, rows: int | None = None):
     """Endless training batches (ids, labels) of one kind of example (see `stream`), `task.rows` rows each unless
     told."""

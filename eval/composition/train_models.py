@@ -29,7 +29,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from copy_task import CopyTask  # noqa: E402
-from data import ROWS, Task, batches  # noqa: E402
+from data import Task, batches  # noqa: E402
 from score import exact_match  # noqa: E402
 
 KINDS = {"K": "knowledge", "S": "skill", "J": "joint"}
@@ -87,7 +87,7 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skill-model", type=Path, help="the real-model case (copy_task.py): K on this pretrained "
                         "S's tokenizer, the skill measured is copying")
-    parser.add_argument("--rows", type=int, default=ROWS, help="rows per batch (each row one example)")
+    parser.add_argument("--rows", type=int, default=Task.rows, help="rows per batch (each row one example)")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     task = CopyTask(args.skill_model, args.keys, args.seed, values=args.values) if args.skill_model else Task(
