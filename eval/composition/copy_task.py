@@ -31,11 +31,10 @@ class CopyTask(Task):
     def __init__(self, skill_model: str | Path, n_keys: int = 1000, seed: int = 0, splits=(0.45, 0.05, 0.5),
                  values: int = 100):
         super().__init__(n_keys, seed, splits, values)
-        self.skill_model = Path(skill_model)
+        self._tokenizer = AutoTokenizer.from_pretrained(skill_model)
         # Rows hold the longest example of a sample of each kind (`row` refuses a longer one): 36 for SmolLM2.
-        tokenizer = self.tokenizer()
         sample = [e for kind in ("knowledge", "skill", "composition") for _, e in zip(range(2000), stream(self, kind, -1))]
-        self.seq_len = max(self.seq_len, *(sum(map(len, encode(e, tokenizer))) for e in sample))
+        self.seq_len = max(self.seq_len, *(sum(map(len, encode(e, self._tokenizer))) for e in sample))
 
     def write(self, n: int) -> str:
         return str(n)
@@ -55,5 +54,5 @@ class CopyTask(Task):
         return Example(prompt, str(value), first if isinstance(first, str) else None)
 
     def tokenizer(self):
-        return AutoTokenizer.from_pretrained(self.skill_model)
+        return self._tokenizer
 
