@@ -1,10 +1,11 @@
 """saemerge: merge Hugging Face causal LMs through sparse autoencoders that share one latent space.
 
 Pipeline, one module each: recipe -> checks -> sources -> harvest -> train (losses, metrics) -> build (modeling)
--> calibrate -> evaluate -> report; pipeline.merge runs them all as a recipe says.
+-> calibrate -> evaluate -> report; pipeline.merge runs them all as a recipe says. analyze compares SAE dictionaries.
 Importing saemerge registers `SAEMergedForCausalLM` with transformers' Auto classes.
 """
 
+from .analyze import analyze, compare_saes
 from .build import build_merged, merged_model
 from .checks import check_sources, validate
 from .errors import HubError, RecipeError, UserError
@@ -27,5 +28,5 @@ __all__ = [
     "parse_recipe", "validate", "merge", "train_from_recipe", "check_sources", "load_source", "load_tokenizer",
     "find_blocks", "resolve_layer", "run_to_layer", "ResidualHook", "activation_batches", "recipe_batches",
     "SAEConfig", "SparseAutoencoder", "train_saes", "measure", "merged_model", "build_merged", "SAEMergedConfig",
-    "SAEMergedForCausalLM", "evaluate", "load_merged",
+    "SAEMergedForCausalLM", "evaluate", "load_merged", "analyze", "compare_saes",
 ]

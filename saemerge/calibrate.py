@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .data import token_batches
+from .data import labelled_batches
 from .losses import loss_terms
 from .recipe import LatentSpec, Recipe
 
@@ -72,10 +72,12 @@ def calibrate(model, recipe: Recipe, tokenizer, progress: bool = True) -> dict:
     if spec.steps == 0 or not params:
         return {}
     batch_size = max(1, spec.batch_tokens // recipe.data.seq_len)
+    data = recipe.data.model_copy(update={"datasets": spec.datasets}) if spec.datasets else recipe.data
+    where = "merge.calibrate" if spec.datasets else "data"
     # Other seeds than SAE training, so calibration sees the mixture in another order; a batch held back
     # from its own stream measures the effect.
-    batches = token_batches(recipe.data, tokenizer, batch_size, recipe.train.seed + 1)
-    held_back = next(token_batches(recipe.data, tokenizer, 4 * batch_size, recipe.train.seed + 2))
+    batches = labelled_batches(data, tokenizer, batch_size, recipe.train.seed + 1, where)
+    held_back = next(labelled_batches(data, tokenizer, 4 * batch_size, recipe.train.seed + 2, where))
     before = held_back_loss(model, held_back)
     regulariser = sae_regulariser(model, recipe.latent) if spec.saes else None
     metrics = train_on_next_token_loss(model, params, batches, spec.steps, spec.lr, progress,
@@ -84,5 +86,6 @@ def calibrate(model, recipe: Recipe, tokenizer, progress: bool = True) -> dict:
 
 
 @torch.no_grad()
-def held_back_loss(model, ids: torch.Tensor) -> float:
-    return model(ids.to(next(model.parameters()).device), labels=ids).loss.item()
+def held_back_loss(model, batch: tuple[torch.Tensor, torch.Tensor]) -> float:
+    device = next(model.parameters()).device
+    return model(batch[0].to(device), labels=batch[1].to(device)).loss.item()

@@ -49,10 +49,13 @@ def validate(recipe: Recipe, output: str | Path | None = None, overwrite: bool =
         errors += check_output(recipe, output, paths)
     except RecipeError as e:
         errors += e.lines
-    try:
-        open_mixture(recipe.data, recipe.train.seed)
-    except RecipeError as e:
-        errors += e.lines
+    calibration = recipe.data.model_copy(update={"datasets": recipe.merge.calibrate.datasets})
+    for data, where in ((recipe.data, "data"), (calibration, "merge.calibrate")):
+        try:
+            if data.datasets:
+                open_mixture(data, recipe.train.seed, where)
+        except RecipeError as e:
+            errors += e.lines
     try:
         resolve_device(recipe.train.device)
     except RecipeError as e:

@@ -1,4 +1,5 @@
-"""`saemerge validate | explain | merge | eval | push | export-saes`: a thin layer over the Python API. Bad input exits with code 2."""
+"""`saemerge validate | explain | merge | eval | push | export-saes | analyze`: a thin layer over the Python API.
+Bad input exits with code 2."""
 
 from __future__ import annotations
 
@@ -102,6 +103,18 @@ def cmd_export_saes(args) -> int:
     return 0
 
 
+def cmd_analyze(args) -> int:
+    from .analyze import analyze, summary
+
+    start = time.perf_counter()
+    report = analyze(args.a, args.b, output=args.output, aligned=True if args.aligned else None,
+                     max_match=args.max_match, overwrite=args.overwrite)
+    print(summary(report), end="")
+    if args.output:
+        print(f"analysis written to {args.output} in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="saemerge", description="Merge language models through aligned sparse autoencoders.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -167,6 +180,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", help="folder to write into (created if missing)")
     p.add_argument("--format", default="saelens", metavar="{saelens,sparsify}", help="file format (default: saelens)")
     p.set_defaults(run=cmd_export_saes)
+
+    p = sub.add_parser("analyze", help="compare two SAE dictionaries by their decoder directions",
+                       description="Compare SAE dictionaries by their decoder weights: mean max cosine both ways "
+                                   "(MMCS), the one-to-one (Hungarian) matching and its cosines, and for aligned "
+                                   "SAEs latent i vs latent i and the relative decoder norm |d_A| / (|d_A| + "
+                                   "|d_B|). A alone: a merged model folder, whose sources' SAEs are compared at "
+                                   "each site, aligned (they share one latent space). A and B: two SAE folders in "
+                                   "saemerge, SAELens or sparsify format of the same width (a merged folder's are "
+                                   "in saes/<source>/<module path>/). Prints one line per measure; --output also "
+                                   "writes analysis.json, analysis.md and one PNG histogram per measure.")
+    p.add_argument("a", metavar="A", help="a merged model folder, or an SAE folder")
+    p.add_argument("b", metavar="B", nargs="?", help="an SAE folder to compare with the SAE folder A")
+    p.add_argument("--output", metavar="DIR",
+                   help="write analysis.json, analysis.md and the plots into this new folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
+    p.add_argument("--aligned", action="store_true",
+                   help="latent i of A is latent i of B (e.g. SAEs exported from one merged folder): also compare "
+                        "them latent by latent; automatic for the SAEs of one site of a merged folder")
+    p.add_argument("--max-match", type=int, default=4096, metavar="N",
+                   help="exact Hungarian matching up to N latents (O(N^3)); above, each latent is matched among "
+                        "its 8 nearest partners (default: 4096)")
+    p.set_defaults(run=cmd_analyze)
     return parser
 
 

@@ -6,7 +6,6 @@ readable features. W and b start at zero (the bridge starts as no exchange) and 
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from .sae_bridge import SAEBridge, Step

@@ -72,6 +72,10 @@ class DatasetSpec(Strict):
     data_files: str | list[str] | dict[str, str | list[str]] | None = Field(None, description="Local files for json/text/parquet.")
     split: str = Field("train", description="Split to read.")
     text_column: str = Field("text", description="Column holding the text.")
+    prompt_column: str | None = Field(None, description=(
+        "Column holding a prompt that comes before the text (prompt-completion data, as TRL's SFT takes it). The SAEs "
+        "read prompt and text as one document; calibration takes each row as a sequence of its own, padded to "
+        "`data.seq_len`, with the next-token loss on the text only."))
     weight: float = Field(1.0, gt=0, description="Share of the mixture's tokens (normalised): each sequence comes from one dataset.")
 
 
@@ -80,6 +84,9 @@ class DataSpec(Strict):
     seq_len: int = Field(128, ge=2, description="Tokens per sequence fed to the sources (at most their maximum positions).")
     tokens: int = Field(2_000_000, gt=0, description="Training token budget.")
     shuffle_buffer: int = Field(1000, ge=1, description="Documents held in the streaming shuffle buffer.")
+    prepend_bos: bool | None = Field(None, description=(
+        "Start every sequence with the tokenizer's BOS token; default: when the tokenizer adds one itself (Llama, "
+        "Gemma), as the sources saw in training."), json_schema_extra={"default_text": "the tokenizer's habit"})
     cache: str | None = Field(None, description=(
         "Folder for harvested activations (safetensors, one file per batch), reused by later runs with the same sources, "
         "layers and data instead of running the sources again (see "
@@ -101,11 +108,12 @@ class TrainSpec(Strict):
 
 
 class CalibrateSpec(Strict):
-    steps: int = Field(0, ge=0, description="Steps of next-token training of the bridge (the SAE bridge's gates, the linear and cross-attention bridges' maps) and the router; the sources stay frozen (the target too unless `receiver`).")
+    steps: int = Field(0, ge=0, description="Steps of next-token training of the bridge (the SAE bridge's gates, the linear and cross-attention bridges' maps) and the router; the sources stay frozen (the target too unless `receiver`). On `calibrate.datasets` if given (with `data`'s `seq_len`, `prepend_bos` and `shuffle_buffer`; a `prompt_column` puts the loss on the text only, e.g. a task's answers), else on `data`.")
     lr: float = Field(1e-2, gt=0, description="Adam learning rate for calibration.")
     batch_tokens: int = Field(2048, gt=0, description="Tokens per calibration step.")
     saes: bool = Field(False, description="`bridge: sae` only: fine-tune the SAEs (encoders, decoders) end to end with the gates, their reconstruction and alignment losses (as `latent` weighs them) kept as regularisers so the latents stay readable.")
     regularise: float = Field(1.0, ge=0, description="Weight of the SAEs' own losses beside the next-token loss when `saes` is set.")
+    datasets: list[DatasetSpec] = Field(default_factory=list, description="What calibration trains on (default: `data.datasets`).")
     receiver: bool = Field(False, description="Also train the target's own weights (all but its input and output embeddings), so that it learns to read what the bridge sends; needs `heads: target` and `save.storage: self-contained` (the target's weights change).")
 
 

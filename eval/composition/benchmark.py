@@ -35,8 +35,7 @@ from transformers import AutoModelForCausalLM
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from copy_task import CopyTask  # noqa: E402
-from data import Task, batches, encode, stream  # noqa: E402
+from data import Task, batches, encode, make_task, stream, task_arguments  # noqa: E402
 from score import exact_match, generation_speed  # noqa: E402
 
 from saemerge import merged_model  # noqa: E402
@@ -69,8 +68,7 @@ def text_batches(task: Task, tokenizer, seed: int):
 class Benchmark:
     def __init__(self, args):
         self.args = args
-        self.task = (CopyTask(args.skill_model, args.keys, args.seed, values=args.values) if args.skill_model else
-                     Task(args.keys, args.seed, values=args.values))
+        self.task = make_task(args)
         self.tokenizer = self.task.tokenizer()
         self.models = {n: self.load(n) for n in ("K", "S")}
         self.layers = {n: [resolve_layer(self.models[n], s) for s in sites]  # block numbers or module names
@@ -280,14 +278,10 @@ def plot(result: dict, path: Path) -> None:
 
 
 def arguments(description: str = __doc__) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = task_arguments(argparse.ArgumentParser(description=description,
+                                                    formatter_class=argparse.RawDescriptionHelpFormatter))
     parser.add_argument("--runs", type=Path, default=HERE / "runs", help="folder of the trained K, S (and J)")
-    parser.add_argument("--skill-model", type=Path, help="the real-model case (copy_task.py): S is this pretrained "
-                        "model, K the one trained on its tokenizer (in --runs)")
     parser.add_argument("--output", type=Path, default=HERE.parent / "results" / "composition.json")
-    parser.add_argument("--keys", type=int, default=1000)
-    parser.add_argument("--values", type=int, default=100, help="keys are bound to 0 .. VALUES-1 (10: one digit)")
-    parser.add_argument("--seed", type=int, default=0)
     # K's block 2: where a linear probe (trained on the train keys) reads a key's number best on the valid keys;
     # S's block 0: the most of S left after the injection.
     parser.add_argument("--k-layers", nargs="+", default=["2"], help="K's sites: block numbers or module names")

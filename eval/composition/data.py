@@ -11,6 +11,7 @@ One word-level tokenizer: every key, template word and digit is a token of its o
 
 from __future__ import annotations
 
+import argparse
 import random
 from dataclasses import dataclass
 
@@ -171,3 +172,21 @@ def stream(task: Task, kind: str, seed: int):
             yield task.skill(rng)
         else:
             yield task.composition(rng, "train")
+
+
+def task_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options that make a task: the scripts that share one must be given the same."""
+    parser.add_argument("--skill-model", type=str, help="the real-model case (copy_task.py): S is this pretrained "
+                        "model (a folder), K the one trained on its tokenizer")
+    parser.add_argument("--keys", type=int, default=1000)
+    parser.add_argument("--values", type=int, default=100, help="keys are bound to 0 .. VALUES-1 (10: one digit)")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def make_task(args: argparse.Namespace) -> Task:
+    if args.skill_model:
+        from copy_task import CopyTask  # it builds on this module
+
+        return CopyTask(args.skill_model, args.keys, args.seed, values=args.values)
+    return Task(args.keys, args.seed, values=args.values)

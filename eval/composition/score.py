@@ -1,12 +1,24 @@
-"""Exact match of greedy generations: the composition benchmark's one score."""
+#!/usr/bin/env python3
+"""Exact match of greedy generations: the composition benchmark's one score. As a script, it scores a merged model
+folder (from a recipe, e.g. recipes/composition-linear-receiver.yaml) on the held-out and seen keys, the problems
+benchmark.py scores:
+
+    python eval/composition/score.py out/composition-linear-receiver
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
-from data import encode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from data import encode, make_task, task_arguments  # noqa: E402
 
 
 @torch.no_grad()
@@ -47,3 +59,23 @@ def generation_speed(model, ids: torch.Tensor, new_tokens: int = 8, repeats: int
         model.generate(ids, **kwargs)
         times.append(time.perf_counter() - start)
     return ids.shape[0] * new_tokens / sorted(times)[len(times) // 2]
+
+
+def main():
+    parser = task_arguments(argparse.ArgumentParser(description=__doc__,
+                                                    formatter_class=argparse.RawDescriptionHelpFormatter))
+    parser.add_argument("model", help="a merged model folder (or any causal LM) on the task's tokenizer")
+    parser.add_argument("--eval-examples", type=int, default=500)
+    args = parser.parse_args()
+    import saemerge  # noqa: F401  (registers the merged model with the Auto classes)
+    from transformers import AutoModelForCausalLM
+
+    task = make_task(args)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    scores = {split: exact_match(model, task.tokenizer(), task.eval_set(kind, args.eval_examples))["exact_match"]
+              for split, kind in (("held-out", "test"), ("seen", "train"))}
+    print(json.dumps({"model": args.model, **scores}))
+
+
+if __name__ == "__main__":
+    main()

@@ -28,8 +28,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from copy_task import CopyTask  # noqa: E402
-from data import Task, batches  # noqa: E402
+from data import Task, batches, make_task, task_arguments  # noqa: E402
 from score import exact_match  # noqa: E402
 
 KINDS = {"K": "knowledge", "S": "skill", "J": "joint"}
@@ -74,24 +73,19 @@ def skills(model, tokenizer, task: Task, n: int = 500) -> dict:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = task_arguments(argparse.ArgumentParser(description=__doc__,
+                                                    formatter_class=argparse.RawDescriptionHelpFormatter))
     parser.add_argument("names", nargs="+", choices=sorted(KINDS))
     parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parent / "runs")
     parser.add_argument("--steps", type=json.loads, default={"K": 1500, "S": 1000},
                         help='steps per model as JSON, e.g. \'{"K": 1500, "S": 2000}\' (J: the sum)')
-    parser.add_argument("--keys", type=int, default=1000)
-    parser.add_argument("--values", type=int, default=100, help="keys are bound to 0 .. VALUES-1 (10: one digit)")
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1.5e-3)
     parser.add_argument("--arch", choices=["gpt2", "llama"], default="gpt2")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--skill-model", type=Path, help="the real-model case (copy_task.py): K on this pretrained "
-                        "S's tokenizer, the skill measured is copying")
     parser.add_argument("--rows", type=int, default=Task.rows, help="rows per batch (each row one example)")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
-    task = CopyTask(args.skill_model, args.keys, args.seed, values=args.values) if args.skill_model else Task(
-        args.keys, args.seed, values=args.values)
+    task = make_task(args)
     if args.skill_model and args.names != ["K"]:
         parser.error("with --skill-model, train K only: S is the pretrained model")
     tokenizer = task.tokenizer()
