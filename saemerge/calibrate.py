@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .data import labelled_batches
+from .data import calibration_data, labelled_batches
 from .losses import loss_terms
 from .recipe import LatentSpec, Recipe
 
@@ -72,8 +72,7 @@ def calibrate(model, recipe: Recipe, tokenizer, progress: bool = True) -> dict:
     if spec.steps == 0 or not params:
         return {}
     batch_size = max(1, spec.batch_tokens // recipe.data.seq_len)
-    data = recipe.data.model_copy(update={"datasets": spec.datasets}) if spec.datasets else recipe.data
-    where = "merge.calibrate" if spec.datasets else "data"
+    data, where = calibration_data(recipe)
     # Other seeds than SAE training, so calibration sees the mixture in another order; a batch held back
     # from its own stream measures the effect.
     batches = labelled_batches(data, tokenizer, batch_size, recipe.train.seed + 1, where)

@@ -15,7 +15,7 @@ from transformers import PreTrainedModel
 
 from . import distributed
 from .checkpoint import STATE, checkpoint_folder
-from .data import open_mixture
+from .data import calibration_data, open_mixture
 from .errors import RecipeError
 from .files import inside
 from .hooks import resolve_layer
@@ -49,11 +49,9 @@ def validate(recipe: Recipe, output: str | Path | None = None, overwrite: bool =
         errors += check_output(recipe, output, paths)
     except RecipeError as e:
         errors += e.lines
-    calibration = recipe.data.model_copy(update={"datasets": recipe.merge.calibrate.datasets})
-    for data, where in ((recipe.data, "data"), (calibration, "merge.calibrate")):
+    for data, where in [(recipe.data, "data")] + ([calibration_data(recipe)] if recipe.merge.calibrate.datasets else []):
         try:
-            if data.datasets:
-                open_mixture(data, recipe.train.seed, where)
+            open_mixture(data, recipe.train.seed, where)
         except RecipeError as e:
             errors += e.lines
     try:

@@ -15,7 +15,7 @@ from typing import Iterator
 import torch
 from datasets import load_dataset
 
-from .recipe import DataSpec, DatasetSpec, RecipeError
+from .recipe import DataSpec, DatasetSpec, Recipe, RecipeError
 
 Row = tuple[list[int], list[int]]  # token ids and labels (-100: no loss)
 
@@ -147,6 +147,12 @@ def token_batches(spec: DataSpec, tokenizer, batch_size: int, seed: int) -> Iter
     """Endless [batch_size, seq_len] LongTensors (what the SAEs read); each sequence is packed from one dataset of
     the mixture and starts with BOS as `prepend_bos` says."""
     return _batches(spec, tokenizer, batch_size, seed, "data", labelled=False)
+
+
+def calibration_data(recipe: Recipe) -> tuple[DataSpec, str]:
+    """What calibration reads (`merge.calibrate.datasets` with `data`'s settings, else `data`), and its field."""
+    datasets = recipe.merge.calibrate.datasets
+    return (recipe.data.model_copy(update={"datasets": datasets}), "merge.calibrate") if datasets else (recipe.data, "data")
 
 
 def labelled_batches(spec: DataSpec, tokenizer, batch_size: int, seed: int,

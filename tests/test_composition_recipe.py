@@ -11,6 +11,8 @@ from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parent.parent
 COMPOSITION = REPO / "eval" / "composition"
+sys.path.insert(0, str(COMPOSITION))
+from data import Task  # noqa: E402
 
 
 def run(*command):
@@ -22,9 +24,7 @@ def test_composition_recipe_merges_and_scores(tmp_path):
     run(sys.executable, COMPOSITION / "train_models.py", "K", "S", *task, "--steps", '{"K": 3, "S": 3}',
         "--width", "32", "--rows", "8", "--output", tmp_path)
     run(sys.executable, COMPOSITION / "write_data.py", *task, "--rows", "300", "--output", tmp_path / "data")
-    held_out = {k for k in json.loads(run(sys.executable, "-c", "import sys; sys.path.insert(0, 'eval/composition'); "
-                                          "from data import Task; print(__import__('json').dumps(Task(40).split_keys"
-                                          "['test']))"))}
+    held_out = set(Task(40).split_keys["test"])
     compositions = [json.loads(line) for line in (tmp_path / "data" / "compositions.jsonl").read_text().splitlines()]
     assert compositions and not any(set(c["prompt"].split()) & held_out for c in compositions)
     merged = tmp_path / "merged"
