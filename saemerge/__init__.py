@@ -1,11 +1,14 @@
 """saemerge: merge Hugging Face causal LMs through sparse autoencoders that share one latent space.
 
 Pipeline, one module each: recipe -> checks -> sources -> harvest -> train (losses, metrics) -> build (modeling)
--> calibrate -> evaluate -> report; pipeline.merge runs them all as a recipe says. analyze compares SAE dictionaries.
+-> calibrate -> evaluate -> report; pipeline.merge runs them all as a recipe says. analyze compares SAE dictionaries;
+stitching fits affine maps between two models' residual streams.
 Importing saemerge registers `SAEMergedForCausalLM` with transformers' Auto classes.
 """
 
+from .activation_measures import compare_activations
 from .analyze import analyze, compare_saes
+from .browser import build_report
 from .build import build_merged, merged_model
 from .checks import check_sources, validate
 from .errors import HubError, RecipeError, UserError
@@ -18,6 +21,8 @@ from .pipeline import merge, train_from_recipe
 from .recipe import LatentSpec, MergeSpec, Recipe, TrainSpec, load_recipe, parse_recipe
 from .sae import SAEConfig, SparseAutoencoder
 from .sources import load_source, load_tokenizer
+from .stitching import fit_stitch, stitch_scan
+from .toy import ToyFeatures, recovery
 from .train import train_saes
 
 register_auto_classes()
@@ -29,4 +34,7 @@ __all__ = [
     "find_blocks", "resolve_layer", "run_to_layer", "ResidualHook", "activation_batches", "recipe_batches",
     "SAEConfig", "SparseAutoencoder", "train_saes", "measure", "merged_model", "build_merged", "SAEMergedConfig",
     "SAEMergedForCausalLM", "evaluate", "load_merged", "analyze", "compare_saes",
+    "ToyFeatures", "recovery",
+    "compare_activations", "build_report",
+    "fit_stitch", "stitch_scan",
 ]

@@ -1,4 +1,5 @@
-"""`saemerge analyze`: compare two SAE dictionaries by their decoder directions (weights only, no activations).
+"""`saemerge analyze`: compare two SAE dictionaries by their decoder directions (weights only, no activations;
+with models and data, also by their activations: activation_measures.py).
 
 Each measure is one line of the summary and one plot:
 - MMCS (mean max cosine similarity), both ways: each decoder direction of A, its best cosine with any of B's,
@@ -50,6 +51,8 @@ from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 from .errors import UserError
 from .files import move_into_place
 from .interchange import import_sae
+from .activation_measures import (DATA_FILE, TOKENS, check_tokenizers, compare_activations, data_spec, sample_texts,
+                                  summary_lines)
 from .sae import SparseAutoencoder
 
 THRESHOLDS = (0.5, 0.7, 0.9)
@@ -116,10 +119,11 @@ def _above(x: np.ndarray) -> dict[str, float]:
 
 
 def compare_saes(sae_a: SparseAutoencoder, sae_b: SparseAutoencoder, aligned: bool = False,
-                 max_match: int = MAX_MATCH, candidates: int = CANDIDATES) -> dict:
+                 max_match: int = MAX_MATCH, candidates: int = CANDIDATES, refuse_widths: bool = True) -> dict:
     """Compare two SAEs by their decoders (see the module docstring). `aligned`: latent i of A and latent i of B
     are one latent (the sources of a merged folder). Returns the numbers, plus numpy arrays under "per_latent"
-    (max cosines both ways, the matching, and for aligned SAEs the cosines and relative norms of latent i)."""
+    (max cosines both ways, the matching, and for aligned SAEs the cosines and relative norms of latent i).
+    `refuse_widths` False: SAEs of different widths get no decoder measures instead of an error."""
     if max_match < 1:
         raise UserError(f"--max-match: {max_match}; expected a positive number of latents")
     d = {side: {"d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae} for side, sae in (("a", sae_a), ("b", sae_b))}
@@ -127,7 +131,7 @@ def compare_saes(sae_a: SparseAutoencoder, sae_b: SparseAutoencoder, aligned: bo
         raise UserError(f"--aligned: A has {d['a']['d_sae']} latents and B {d['b']['d_sae']}; expected as many "
                         "(latent i of A is latent i of B)")
     same_width = d["a"]["d_in"] == d["b"]["d_in"]
-    if not aligned and not same_width:
+    if not aligned and not same_width and refuse_widths:
         raise UserError(f"B: d_in {d['b']['d_in']}, A's is {d['a']['d_in']}; expected the same width (decoder "
                         "directions of residual streams of different widths have no cosine)")
     result, per_latent = {**d, "aligned": aligned, "decoder_cosines": same_width}, {}
@@ -253,14 +257,106 @@ def _different_models(root: Path, x: str, y: str) -> bool:
         return False
 
 
+def _activation_inputs(pair: dict, merged: Path | None, model_a, model_b, layer_a, layer_b, data,
+                       seq_len: int | None) -> dict:
+    """What the activation measures of one pair read: per side (model reference, tokenizer reference, layer),
+    the data and seq_len. From the recipe.yaml of the merged folder `merged` (or of the one an SAE folder sits
+    in), else from the arguments, else from a SAELens cfg.json (model_name, hook_name blocks.<i>.hook_resid_*)."""
+    from .recipe import SourceSpec, load_recipe
+
+    given = {"a": (model_a, layer_a), "b": (model_b, layer_b)}
+    if merged is not None and any(v is not None for v in (model_a, model_b, layer_a, layer_b)):
+        raise UserError("--model-a: only for two SAE folders; a merged folder's models and layers come from its "
+                        "recipe.yaml")
+    out, recipe_data = {}, None
+    for side in ("a", "b"):
+        folder, name = pair[side]["path"], pair[side]["name"]
+        root = merged if merged is not None else (_site_of(folder) or (None,))[0]
+        model, layer = given[side]
+        spec = None
+        if root is not None and (model is None or layer is None):
+            file = root / "recipe.yaml"
+            if not file.is_file():
+                raise UserError(f"{'A' if merged else side.upper()}: '{root}' has no recipe.yaml; expected one naming "
+                                "the models (or give --model-a, --model-b, --layer-a, --layer-b)")
+            recipe = load_recipe(file)
+            source = name if merged is not None else folder.resolve().parent.name
+            spec = recipe.source(source)
+            recipe_data = recipe_data or recipe.data
+            if layer is None:
+                layer = ".".join(folder.resolve().relative_to((root / "saes" / source).resolve()).parts)
+        cfg = _saelens_cfg(folder)
+        if layer is None and cfg.get("hook_name"):
+            found = re.fullmatch(r"blocks\.(\d+)\.hook_resid_(post|out)", cfg["hook_name"])
+            layer = int(found.group(1)) if found else None
+        if model is None and spec is None:
+            model = cfg.get("model_name") if cfg.get("model_name") and Path(cfg["model_name"]).exists() else None
+        if model is None and spec is None:
+            raise UserError(f"--model-{side}: missing; expected the model whose residual SAE {side.upper()} reads (a "
+                            "local folder), for the activation measures")
+        if layer is None:
+            raise UserError(f"--layer-{side}: missing; expected the block index or module path SAE {side.upper()} "
+                            "reads, for the activation measures")
+        if model is not None:
+            spec = SourceSpec(name="source", model=str(model), layer=0)
+        out[side] = (spec, f"--model-{side}", layer)
+    if data is None and recipe_data is None:
+        raise UserError(f"--data: missing; expected {DATA_FILE} (SAE folders outside a merged folder have no recipe "
+                        "data)")
+    seq_len = seq_len or (recipe_data.seq_len if recipe_data is not None else 128)
+    out["data"] = data_spec(data, seq_len) if data is not None else recipe_data.model_copy(update={"seq_len": seq_len})
+    out["seq_len"] = seq_len
+    return out
+
+
+def _saelens_cfg(folder: Path) -> dict:
+    try:
+        cfg = json.loads((folder / "cfg.json").read_text())
+        return cfg if isinstance(cfg, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _tokenizer(spec, arg: str):
+    from .sources import load_tokenizer, one_line
+
+    try:
+        return load_tokenizer(spec)
+    except Exception as e:
+        raise UserError(f"{arg}: cannot load a tokenizer from '{spec.model}': {one_line(e)}; expected a Hugging Face "
+                        "causal LM with its tokenizer") from None
+
+
+def _loaded(cache: dict, spec, arg: str, layer) -> tuple:
+    """(model, tokenizer) of a SourceSpec, loaded once per reference."""
+    from .sources import load_source, load_tokenizer, one_line
+
+    key = (spec.model, spec.revision, spec.adapter, spec.gguf_file, spec.dtype)
+    if key not in cache:
+        try:
+            cache[key] = (load_source(spec), load_tokenizer(spec))
+        except Exception as e:
+            raise UserError(f"{arg}: cannot load '{spec.model}': {one_line(e)}; expected a Hugging Face causal LM") \
+                from None
+    return cache[key]
+
+
 # --- report -------------------------------------------------------------------------------------------------
 def analyze(a_path: str | Path, b_path: str | Path | None = None, output: str | Path | None = None,
-            aligned: bool | None = None, max_match: int = MAX_MATCH, overwrite: bool = False) -> dict:
+            aligned: bool | None = None, max_match: int = MAX_MATCH, overwrite: bool = False,
+            activations: bool = False, data: str | Path | None = None, tokens: int = TOKENS,
+            model_a: str | None = None, model_b: str | None = None, layer_a: int | str | None = None,
+            layer_b: int | str | None = None, seq_len: int | None = None, progress: bool = True) -> dict:
     """Compare A and B (two SAE folders in saemerge, SAELens or sparsify format), or the sources' SAEs at each
     site of a merged folder A given alone. `aligned` None: aligned when the SAEs come from one site of one merged
     folder. With `output`, write analysis.json, analysis.md and PNG plots there (a new folder, written beside it
     and renamed into place; an existing one is replaced only with `overwrite`). Returns the report: the numbers
-    of each comparison, with per-latent numpy arrays under "per_latent" (left out of analysis.json)."""
+    of each comparison, with per-latent numpy arrays under "per_latent" (left out of analysis.json).
+
+    `activations` (or `data`): also the activation measures (activation_measures.compare_activations) on `tokens`
+    tokens of `data` (a .jsonl/.jsonl.gz/.txt file; default: the merged folder's recipe data). The models and
+    layers come from the merged folder's recipe.yaml (also for SAE folders inside one), else from `model_a`,
+    `model_b`, `layer_a`, `layer_b` (or a SAELens cfg.json's model_name and hook_name)."""
     start = time.perf_counter()
     a_path, b_path = Path(a_path), None if b_path is None else Path(b_path)
     output = None if output is None else Path(output)
@@ -268,9 +364,29 @@ def analyze(a_path: str | Path, b_path: str | Path | None = None, output: str | 
         raise UserError(f"--output: '{output}' exists; expected a new folder (or pass --overwrite)")
     if max_match < 1:
         raise UserError(f"--max-match: {max_match}; expected a positive number of latents")
+    activations = activations or data is not None
+    if activations and tokens < 1:
+        raise UserError(f"--tokens: {tokens}; expected a positive number of tokens")
+    if data is not None:
+        data_spec(data)  # refuse a missing file before loading anything
     report = {"a": str(a_path), "b": None if b_path is None else str(b_path), "comparisons": []}
-    for pair in _inputs(a_path, b_path, aligned):
-        result = compare_saes(pair["a"]["sae"], pair["b"]["sae"], pair["aligned"], max_match)
+    loaded: dict = {}  # models by reference, loaded once for every pair
+    pairs = _inputs(a_path, b_path, aligned)
+    sources = [_activation_inputs(pair, a_path if b_path is None else None, model_a, model_b, layer_a, layer_b,
+                                  data, seq_len) for pair in pairs] if activations else [None] * len(pairs)
+    for pair, source in zip(pairs, sources):
+        result = compare_saes(pair["a"]["sae"], pair["b"]["sae"], pair["aligned"], max_match,
+                              refuse_widths=not activations)
+        if source is not None:
+            # The same token ids on the data? Asked before the models load.
+            check_tokenizers(*(_tokenizer(*source[side][:2]) for side in ("a", "b")), sample_texts(source["data"]))
+            models = {side: _loaded(loaded, *source[side]) for side in ("a", "b")}
+            acts = compare_activations(models["a"][0], models["b"][0], source["a"][2], source["b"][2],
+                                       pair["a"]["sae"], pair["b"]["sae"], source["data"], pair["aligned"], tokens,
+                                       source["seq_len"], tokenizer_a=models["a"][1], tokenizer_b=models["b"][1],
+                                       progress=progress)
+            result["per_latent"]["activations"] = acts.pop("per_latent")
+            result["activations"] = acts
         for side in ("a", "b"):
             result[side] = {"name": pair[side]["name"], "path": str(pair[side]["path"]), **result[side]}
         result["site"] = pair["site"]
@@ -285,9 +401,12 @@ def analyze(a_path: str | Path, b_path: str | Path | None = None, output: str | 
     for result in report["comparisons"]:
         label = f"{result['a']['name']}-{result['b']['name']}-{result['site']}" if multiple else ""
         prefix = re.sub(r"[^A-Za-z0-9._-]+", "_", label) + "_" if multiple else ""
+        acts = result.get("activations", {})
         result["plots"] = {name: f"{prefix}{name}.png" for name, present in [
             ("max_cosine", "mmcs" in result), ("matched_cosine", "matching" in result),
-            ("relative_norm", "relative_norm" in result)] if present}
+            ("relative_norm", "relative_norm" in result), ("firing_rate", "firing" in acts),
+            ("activation_matching", "pairs" in acts.get("matching", {})), ("cofiring", "cofiring" in acts),
+            ("cross", "cross" in acts), ("latent_map", "latent_map" in acts)] if present}
     report["compute_seconds"] = round(time.perf_counter() - start, 2)
     if output is not None:
         _write(report, output, overwrite)
@@ -296,7 +415,8 @@ def analyze(a_path: str | Path, b_path: str | Path | None = None, output: str | 
 
 def summary(report: dict) -> str:
     """The markdown summary: per comparison, a heading and one line per measure."""
-    lines = ["# SAE dictionaries compared by their decoder directions", ""]
+    acts = any("activations" in r for r in report["comparisons"])
+    lines = [f"# SAE dictionaries compared by their decoder directions{' and activations' if acts else ''}", ""]
     for r in report["comparisons"]:
         a, b = r["a"]["name"], r["b"]["name"]
         site = f" at {r['site']}" if r["site"] else ""
@@ -339,6 +459,8 @@ def summary(report: dict) -> str:
                 lines.append(f"- relative decoder norm |d_{a}| / (|d_{a}| + |d_{b}|): {n['a_only']:.1%} of latents "
                              f"{a}'s alone (> 0.9), {n['b_only']:.1%} {b}'s alone (< 0.1), {n['shared']:.1%} shared "
                              f"(0.3-0.7){zero} [plot]({r['plots']['relative_norm']})")
+        if "activations" in r:
+            lines += summary_lines(r["activations"], a, b, r["plots"])
         lines.append("")
     return "\n".join(lines)
 

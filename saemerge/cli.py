@@ -1,5 +1,5 @@
-"""`saemerge validate | explain | merge | eval | push | export-saes | analyze`: a thin layer over the Python API.
-Bad input exits with code 2."""
+"""`saemerge validate | explain | merge | eval | push | export-saes | analyze | report | stitch`: a thin layer over
+the Python API. Bad input exits with code 2."""
 
 from __future__ import annotations
 
@@ -108,10 +108,46 @@ def cmd_analyze(args) -> int:
 
     start = time.perf_counter()
     report = analyze(args.a, args.b, output=args.output, aligned=True if args.aligned else None,
-                     max_match=args.max_match, overwrite=args.overwrite)
+                     max_match=args.max_match, overwrite=args.overwrite, activations=args.activations,
+                     data=args.data, tokens=args.tokens, model_a=args.model_a, model_b=args.model_b,
+                     layer_a=args.layer_a, layer_b=args.layer_b, seq_len=args.seq_len, progress=not args.quiet)
     print(summary(report), end="")
     if args.output:
         print(f"analysis written to {args.output} in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .browser import build_report
+
+    start = time.perf_counter()
+    site = build_report(args.dir, output=args.output, analysis=args.analysis, tokens=args.tokens,
+                        latents=args.latents, data=args.data, overwrite=args.overwrite, progress=not args.quiet,
+                        allow_pickle=args.allow_pickle)
+    print(f"feature browser written to {site / 'index.html'} in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+def _block_list(text: str | None, arg: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{arg}: '{text}' is not a list of block indices; expected e.g. 0,1,2") from None
+
+
+def cmd_stitch(args) -> int:
+    from .stitching import stitch_scan, summary
+
+    report = stitch_scan(args.model_a, args.model_b, _block_list(args.layers_a, "--layers-a"),
+                         _block_list(args.layers_b, "--layers-b"), args.data, steps=args.steps, lr=args.lr,
+                         batch_rows=args.batch_rows, controls=not args.no_controls, seed=args.seed,
+                         train_tokens=args.tokens, heldout_tokens=args.heldout_tokens, seq_len=args.seq_len,
+                         device=args.device, dtype=args.dtype, output=args.output, overwrite=args.overwrite,
+                         progress=not args.quiet)
+    print(summary(report), end="")
+    print(f"{report['seconds']:.0f}s" + (f"; written to {args.output}" if args.output else ""))
     return 0
 
 
@@ -181,15 +217,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="saelens", metavar="{saelens,sparsify}", help="file format (default: saelens)")
     p.set_defaults(run=cmd_export_saes)
 
-    p = sub.add_parser("analyze", help="compare two SAE dictionaries by their decoder directions",
+    p = sub.add_parser("analyze", help="compare two SAE dictionaries by their decoder directions (and activations)",
                        description="Compare SAE dictionaries by their decoder weights: mean max cosine both ways "
                                    "(MMCS), the one-to-one (Hungarian) matching and its cosines, and for aligned "
                                    "SAEs latent i vs latent i and the relative decoder norm |d_A| / (|d_A| + "
                                    "|d_B|). A alone: a merged model folder, whose sources' SAEs are compared at "
                                    "each site, aligned (they share one latent space). A and B: two SAE folders in "
                                    "saemerge, SAELens or sparsify format of the same width (a merged folder's are "
-                                   "in saes/<source>/<module path>/). Prints one line per measure; --output also "
-                                   "writes analysis.json, analysis.md and one PNG histogram per measure.")
+                                   "in saes/<source>/<module path>/). With --activations or --data, also the "
+                                   "activation measures (the models read the same tokens). Prints one line per "
+                                   "measure; --output also writes analysis.json, analysis.md and one PNG per "
+                                   "measure.")
     p.add_argument("a", metavar="A", help="a merged model folder, or an SAE folder")
     p.add_argument("b", metavar="B", nargs="?", help="an SAE folder to compare with the SAE folder A")
     p.add_argument("--output", metavar="DIR",
@@ -201,7 +239,80 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-match", type=int, default=4096, metavar="N",
                    help="exact Hungarian matching up to N latents (O(N^3)); above, each latent is matched among "
                         "its 8 nearest partners (default: 4096)")
+    g = p.add_argument_group("activation measures", "firing rates, co-firing, activation matching, "
+                             "cross-reconstruction (explained variance, CE recovered) and a learned latent map, on "
+                             "the same tokens through both models")
+    g.add_argument("--activations", action="store_true",
+                   help="also the activation measures, on the merged folder's recipe data (implied by --data)")
+    g.add_argument("--data", metavar="FILE", help='a .jsonl, .jsonl.gz or .txt file (json rows with a "text" field) '
+                                                  "instead of the recipe's data")
+    g.add_argument("--tokens", type=int, default=32768, metavar="N", help="tokens to measure on (default: 32768)")
+    g.add_argument("--seq-len", type=int, metavar="N", help="tokens per sequence (default: the recipe's, else 128)")
+    for side in ("a", "b"):
+        g.add_argument(f"--model-{side}", metavar="MODEL",
+                       help=f"the model SAE {side.upper()} reads (a local folder), for two SAE folders (default: the "
+                            "recipe of the merged folder they are in, or a SAELens cfg.json's model_name)")
+        g.add_argument(f"--layer-{side}", metavar="L",
+                       help=f"block index or module path SAE {side.upper()} reads (default: as for --model-{side}, "
+                            "or a SAELens hook_name)")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=cmd_analyze)
+
+    p = sub.add_parser("report", help="write a static HTML feature browser of a merged (or analysis) folder",
+                       description="Write an offline HTML site (inline CSS, no scripts): index.html with the recipe, "
+                                   "SAE metrics, training curves, evaluation table, the analysis plots and a table "
+                                   "of latents; latents/<i>.html per latent with its decoder norm and firing rate "
+                                   "in each source, co-firing, top-activating snippets and the tokens it promotes "
+                                   "through each source's head. Runs the sources on --tokens tokens of the "
+                                   "recipe's data (or --data). DIR may also be an analysis folder alone.")
+    p.add_argument("dir", metavar="DIR", help="a merged model folder, or an analysis folder (analysis.json)")
+    p.add_argument("--output", metavar="SITE_DIR", help="new folder for the site (default: DIR/browser)")
+    p.add_argument("--analysis", metavar="ANALYSIS_DIR",
+                   help="a `saemerge analyze --output` folder to show (default: one found inside DIR)")
+    p.add_argument("--tokens", type=int, default=32768, metavar="N",
+                   help="tokens to run the sources on (default: 32768)")
+    p.add_argument("--latents", type=int, default=200, metavar="N",
+                   help="latents with a page, per site (default: 200)")
+    p.add_argument("--data", metavar="FILE",
+                   help="a JSON lines file with a \"text\" field (default: the recipe's data)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _allow_pickle_arg(p)
+    p.set_defaults(run=cmd_report)
+
+    p = sub.add_parser("stitch", help="stitch model A's residual stream into model B's (an affine map) and scan "
+                                      "layer pairs for the stitching penalty",
+                       description="For each pair of blocks (A's i, B's j): fit an affine map from A's residual "
+                                   "stream after block i to B's after block j (least squares, then --steps of "
+                                   "Adam on B's next-token loss, both models frozen), run B on from block j with "
+                                   "the mapped residual, and report the stitching penalty: held-out CE of the "
+                                   "stitched model minus B's own. Baselines: B with its residual replaced by its "
+                                   "mean, and the same stitch from a re-initialised, untrained A. The models must "
+                                   "share a tokenizer; widths may differ. --output writes stitch.json, stitch.md "
+                                   "and stitch_heatmap.png into a new folder.")
+    p.add_argument("model_a", metavar="MODEL_A", help="model folder whose residual stream is mapped")
+    p.add_argument("model_b", metavar="MODEL_B", help="model folder that runs on from the stitched residual")
+    p.add_argument("--data", required=True, metavar="FILE",
+                   help='a .jsonl or .jsonl.gz file with a "text" field: the first rows train the maps, the '
+                        "following ones are held out")
+    p.add_argument("--layers-a", metavar="I,J,...", help="A's blocks (default: all)")
+    p.add_argument("--layers-b", metavar="I,J,...", help="B's blocks (default: all)")
+    p.add_argument("--tokens", type=int, default=50_000, metavar="N", help="train tokens (default: 50000)")
+    p.add_argument("--heldout-tokens", type=int, default=20_000, metavar="N", help="held-out tokens (default: 20000)")
+    p.add_argument("--steps", type=int, default=100, metavar="N",
+                   help="Adam steps of CE training per pair and fit (0: least squares only; default: 100)")
+    p.add_argument("--batch-rows", type=int, default=8, metavar="N", help="rows per training step (default: 8)")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate, cosine decay to 10%% (default: 1e-3)")
+    p.add_argument("--seq-len", type=int, metavar="N", help="tokens per row (default: the models' context, at most 1024)")
+    p.add_argument("--seed", type=int, default=0, help="document order, training batches and the random A (default: 0)")
+    p.add_argument("--no-controls", action="store_true", help="skip the mean-ablation floor and the random-A stitch")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="load the models in this dtype (default: float32; the maps are float32)")
+    p.add_argument("--output", metavar="DIR", help="write stitch.json, stitch.md and stitch_heatmap.png into this new folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=cmd_stitch)
     return parser
 
 

@@ -269,8 +269,9 @@ def _saes_of_checkpoint(state: dict, tensors: dict, latent: LatentSpec, settings
 def train_saes(stream: Callable[[int], Iterator[Batch]] | Iterable[Batch], latent: LatentSpec, train: TrainSpec,
                steps: int, *, held_back: Iterable[Batch] | None = None, start_from: dict[str, list[str]] | None = None,
                checkpoint: str | Path | None = None, resume: bool = False, settings: dict | None = None,
-               log_path: str | Path | None = None, progress: bool = True,
-               tokens_per_step: int | None = None) -> tuple[list[dict[str, SparseAutoencoder]], dict]:
+               log_path: str | Path | None = None, progress: bool = True, tokens_per_step: int | None = None,
+               on_step: Callable[[int, list[dict[str, SparseAutoencoder]]], None] | None = None,
+               ) -> tuple[list[dict[str, SparseAutoencoder]], dict]:
     """Train `steps` steps; return the SAEs (site-major: saes[site][source]) and their metrics, measured on the
     `held_back` batches if given. `start_from`: {source: SAE folder per site} to start from instead of fresh.
 
@@ -278,7 +279,9 @@ def train_saes(stream: Callable[[int], Iterator[Batch]] | Iterable[Batch], laten
     TrainingInterrupted is raised) and at the end; `resume` continues from it, ending with the weights an
     uninterrupted run would have, provided `settings` (default: latent, train and steps) are the same. The log goes
     to `log_path` (default: checkpoint/training_log.jsonl); `tokens_per_step` is what it counts per step (default:
-    the activations trained on). Only the first of several processes checkpoints, logs and measures."""
+    the activations trained on). `on_step(steps_done, saes)`, if given, is called before the first step and after
+    every step (to follow the SAEs during training, e.g. eval/toy_recovery.py); it must not change them. Only the
+    first of several processes checkpoints, logs and measures."""
     device = distributed.device(resolve_device(train.device))
     torch.manual_seed(train.seed)
     generator = torch.Generator().manual_seed(train.seed)
@@ -300,7 +303,8 @@ def train_saes(stream: Callable[[int], Iterator[Batch]] | Iterable[Batch], laten
         trainer = Trainer(saes, latent, train, steps, device, generator)
         batches = itertools.chain(first, batches)
     log_path = Path(log_path) if log_path else checkpoint / "training_log.jsonl" if checkpoint else None
-    _run_steps(trainer, batches, start, TrainingLog(log_path, start), checkpoint, settings, progress, tokens_per_step)
+    _run_steps(trainer, batches, start, TrainingLog(log_path, start), checkpoint, settings, progress, tokens_per_step,
+               on_step)
     if not distributed.is_main():
         return trainer.finished(), {}
     metrics = {}
@@ -316,11 +320,13 @@ def train_saes(stream: Callable[[int], Iterator[Batch]] | Iterable[Batch], laten
 
 
 def _run_steps(trainer: Trainer, batches: Iterator[Batch], start: int, log: TrainingLog, checkpoint: Path | None,
-               settings: dict, progress: bool, tokens_per_step: int | None) -> None:
+               settings: dict, progress: bool, tokens_per_step: int | None, on_step: Callable | None = None) -> None:
     steps, train, device = trainer.steps, trainer.train, trainer.fired[0].device
     last_saved = start if start else None
     bar = tqdm(range(start, steps), desc="training SAEs", disable=not (progress and distributed.is_main()),
                unit="step", initial=start, total=steps)
+    if on_step is not None:
+        on_step(start, trainer.saes)
     with StopRequests() as stop:
         for step in bar:
             batch = [{n: x.to(device) for n, x in acts.items()} for acts in next(batches)]
@@ -336,6 +342,8 @@ def _run_steps(trainer: Trainer, batches: Iterator[Batch], start: int, log: Trai
                        **{k: distributed.all_sum(v.detach()).item() for k, v in parts.items()}}
                 bar.set_postfix(fvu=f"{row['recon'] / len(trainer.every_sae):.3f}", align=f"{row['align']:.3f}")
                 log.write(row)
+            if on_step is not None:
+                on_step(step + 1, trainer.saes)
             stopping = distributed.any_true(stop.signal is not None)  # every process stops at the same step
             every = train.checkpoint_every
             if stopping or (every and (step + 1) % every == 0 and step + 1 < steps):

@@ -2,6 +2,8 @@
 """Train the zoo: small GPT-2s from scratch on the local corpora, reproducibly from a seed.
 
     python eval/zoo/train_zoo.py prose code joint      # ~10 minutes each on 2 CPU cores
+    python eval/zoo/train_zoo.py prose --seed 1 --save-as prose-seed1      # the universality experiments' pairs
+    python eval/zoo/train_zoo.py prose --width 128 --save-as prose-w128
 
 prose trains on prose only, code on code only, joint on the 50/50 mixture (a reference), all with the same
 size, seed and token budget. Each is saved to eval/zoo/<name>/ (float16 safetensors, the shared tokenizer and
@@ -56,7 +58,7 @@ def train(name: str, args) -> None:
     streams = {c: token_stream(c, "train", tokenizer) for c in MIXES[name]}
     valid = {c: token_stream(c, "validation", tokenizer) for c in ("prose", "code")}
     torch.manual_seed(args.seed)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=args.seq_len, n_embd=256, n_layer=4, n_head=4,
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=args.seq_len, n_embd=args.width, n_layer=4, n_head=4,
                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                         pad_token_id=tokenizer.eos_token_id)
     model = GPT2LMHeadModel(config).train()
@@ -80,7 +82,7 @@ def train(name: str, args) -> None:
             log.append({"step": step, "loss": loss.item(), "seconds": round(time.time() - start, 1)})
             print(f"{name} step {step} loss {loss.item():.3f} ({time.time() - start:.0f}s)", flush=True)
     validation = held_out_loss(model, valid, args.seq_len, torch.Generator().manual_seed(0))
-    out = ZOO / name
+    out = ZOO / (args.save_as or name)
     model.to(torch.float16).save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / "train_log.json").write_text(json.dumps({"args": vars(args), "mix": MIXES[name], "log": log,
@@ -96,8 +98,12 @@ def main():
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1.5e-3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="initialisation and data order")
+    parser.add_argument("--width", type=int, default=256, help="residual width (n_embd; 4 heads)")
+    parser.add_argument("--save-as", help="folder name under eval/zoo/ (default: the mixture's name; one name only)")
     args = parser.parse_args()
+    if args.save_as and len(args.names) > 1:
+        parser.error("--save-as takes one name")
     for name in args.names:
         train(name, args)
 
