@@ -14,7 +14,7 @@ from saemerge.data import token_batches
 from saemerge.recipe import DataSpec, SourceSpec, load_recipe, recipe_yaml
 from saemerge.train import train_saes
 
-from conftest import REPO
+from conftest import REPO, make_model, train_tokenizer
 
 PROSE_DATA = REPO / "eval/data/prose/validation.jsonl.gz"
 LAYER = "transformer.h.1"
@@ -150,6 +150,9 @@ def test_bad_input_is_one_line_and_exit_2(zoo, tmp_path, capsys):
     refused(base + ["--model-b", prose, "--data", str(PROSE_DATA), "--tokens", "0"], "--tokens")
     wide = tmp_path / "wide"
     SparseAutoencoder(SAEConfig(d_in=576, d_sae=64, activation="topk", k=8)).save(wide)
+    other = tmp_path / "other_tokenizer"  # a tiny GPT-2 with a tokenizer of its own
+    make_model("gpt2", 300).save_pretrained(other)
+    train_tokenizer(300).save_pretrained(other)
     refused(["analyze", str(a), str(wide), "--data", str(PROSE_DATA), "--tokens", "100", "--quiet", "--model-a",
-             prose, "--layer-a", "1", "--layer-b", "1", "--model-b", str(REPO / "models/smollm2-135m-hf")],
+             prose, "--layer-a", "1", "--layer-b", "1", "--model-b", str(other)],
             "--model-b", "tokenizer")

@@ -102,7 +102,7 @@ def test_cli_end_to_end(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["stitch", "models/smollm2-135m-hf", "eval/zoo/prose", "--data", "eval/data/code/validation.jsonl.gz"],
+    (["stitch", "OTHER_TOKENIZER", "eval/zoo/prose", "--data", "eval/data/code/validation.jsonl.gz"],
      "MODEL_B: the tokenizer of"),
     (["stitch", "eval/zoo/prose", "eval/zoo/code", "--data", "eval/data/code/validation.jsonl.gz",
       "--layers-a", "0,7"], "--layers-a: block 7 is out of range; expected block indices 0..3"),
@@ -112,8 +112,9 @@ def test_cli_end_to_end(tmp_path, capsys):
     (["stitch", "eval/zoo/prose", "eval/zoo/code", "--data", "eval/data/prose/validation.jsonl.gz"],
      "--data: 'eval/data/prose/validation.jsonl.gz' holds"),  # 17.5k tokens; the defaults need 70k
 ])
-def test_errors_are_one_line(argv, expected, capsys, monkeypatch):
+def test_errors_are_one_line(argv, expected, capsys, monkeypatch, zoo):
     monkeypatch.chdir(REPO)
+    argv = [str(zoo["gpt2_other_tok"]) if a == "OTHER_TOKENIZER" else a for a in argv]  # a tiny GPT-2, own tokenizer
     assert main(argv + ["--quiet"]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and expected in err[0], err
