@@ -116,10 +116,9 @@ class Pair:
             r = recipe(self.row, self.args, align=0.0, seed=seed)
             batch = max(1, r.train.batch_tokens // r.data.seq_len)
             steps = -(-r.data.tokens // (batch * r.data.seq_len))
-            one = {name: self.sources[name]}
+            one, paths = {name: self.sources[name]}, {name: self.paths[name]}
             saes, _ = train_saes(
-                lambda start, r=r, one=one: recipe_batches(r, one, {name: self.paths[name]}, self.tokenizer, batch,
-                                                           start),
+                lambda start, r=r, one=one, paths=paths: recipe_batches(r, one, paths, self.tokenizer, batch, start),
                 r.latent, r.train, steps, progress=not self.args.quiet, tokens_per_step=batch * r.data.seq_len)
             out[name] = saes[0][name]
         return out
@@ -140,14 +139,15 @@ class Pair:
             tokenizer_b=self.tokenizer, progress=not args.quiet))
         if row.shared_basis:
             decoders = compare_saes(independent["A"], independent["B"])
-            result["independent"]["decoder"] = {"mmcs": decoders["mmcs"], "matched_above": decoders["matching"]["above"]}
+            result["independent"]["decoder"] = {"mmcs": decoders["mmcs"],
+                                                "matched_above": decoders["matching"]["above"]}
         aligned = self.aligned_saes()
         result["aligned"] = numbers(compare_activations(
             *models, aligned["A"], aligned["B"], held_out, aligned=True, tokenizer_a=self.tokenizer,
             tokenizer_b=self.tokenizer, progress=not args.quiet))
-        stitch = fit_stitch(self.sources["A"], self.sources["B"], row.layer_a, row.layer_b,
-                            torch.cat(self.tokens(corpus(row.data, "train"), args.stitch_tokens, seed=1)), torch.cat(held_out),
-                            steps=args.stitch_steps, controls=True, progress=not args.quiet)
+        train_rows = torch.cat(self.tokens(corpus(row.data, "train"), args.stitch_tokens, seed=1))
+        stitch = fit_stitch(self.sources["A"], self.sources["B"], row.layer_a, row.layer_b, train_rows,
+                            torch.cat(held_out), steps=args.stitch_steps, controls=True, progress=not args.quiet)
         result["stitch"] = {"ce": stitch["ce"], "penalty": stitch["penalty"], "ce_recovered": stitch["ce_recovered"]}
         result["seconds"] = round(time.perf_counter() - start)
         return result
@@ -171,9 +171,10 @@ def recovered(cross: dict) -> str:
 
 
 def table(results: dict) -> str:
-    lines = ["| pair | differs in | independent SAEs: mean max corr A->B / B->A | matched corr > 0.7 | decoder MMCS A->B "
-             "| CE recovered through the matching A->B / B->A | aligned SAEs: latents firing in both | latent i "
-             "corr | CE recovered A->B / B->A | stitching penalty, least squares / CE-trained (random A) |",
+    lines = ["| pair | differs in | independent SAEs: mean max corr A->B / B->A | matched corr > 0.7 | "
+             "decoder MMCS A->B | CE recovered through the matching A->B / B->A | aligned SAEs: latents firing in "
+             "both | latent i corr | CE recovered A->B / B->A | "
+             "stitching penalty, least squares / CE-trained (random A) |",
              "|" + "---|" * 10]
     for name, r in results["rows"].items():
         ind, al, st = r["independent"], r["aligned"], r["stitch"]
@@ -232,7 +233,8 @@ def plot(results: dict, png: Path) -> None:
     panels = [("independent SAEs: matched pairs with\nactivation correlation > 0.7",
                [r["independent"]["matching"].get("above", {}).get("0.7", 0) for r in rows]),
               ("aligned SAEs: latents firing in both", [r["aligned"]["firing"].get("shared", 0) for r in rows]),
-              ("stitching penalty, nats/token\n(CE-trained affine map)", [r["stitch"]["penalty"]["trained"] for r in rows])]
+              ("stitching penalty, nats/token\n(CE-trained affine map)",
+               [r["stitch"]["penalty"]["trained"] for r in rows])]
     fig, axes = plt.subplots(1, 3, figsize=(13, 0.5 * len(names) + 1.8), sharey=True)
     for ax, (title, values) in zip(axes, panels):
         ax.barh(range(len(names)), values, color="tab:blue")
