@@ -34,9 +34,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import re
-import shutil
 import time
 from pathlib import Path
 
@@ -49,7 +47,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
 from .errors import UserError
-from .files import move_into_place
+from .files import new_folder
 from .interchange import import_sae
 from .activation_measures import (DATA_FILE, TOKENS, check_tokenizers, compare_activations, data_spec, sample_texts,
                                   summary_lines)
@@ -473,18 +471,10 @@ def _write(report: dict, output: Path, overwrite: bool) -> None:
     """analysis.json, analysis.md and the plots into a hidden folder beside `output`, then renamed into place."""
     from .analysis_plots import plot_comparison
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
+    with new_folder(output, overwrite) as tmp:
         numbers = {**report, "comparisons": [{k: v for k, v in r.items() if k != "per_latent"}
                                              for r in report["comparisons"]]}
         (tmp / "analysis.json").write_text(json.dumps(numbers, indent=2, allow_nan=False))
         (tmp / "analysis.md").write_text(summary(report))
         for result in report["comparisons"]:
             plot_comparison(result, tmp)
-        move_into_place(tmp, output, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

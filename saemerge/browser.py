@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import UserError
-from .files import move_into_place
+from .files import new_folder
 
 CHUNK = 2 ** 24  # codes encoded at once (tokens x d_sae, 64 MB of float32)
 BATCH_TOKENS = 2048
@@ -261,14 +259,6 @@ def build_report(folder: str | Path, output: str | Path | None = None, analysis:
     report = _read_analysis(_analysis_folder(folder, analysis) if is_merged else folder)
     measured = _merged(folder, data, tokens, latents, top, progress, allow_pickle) if is_merged else None
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
+    with new_folder(output, overwrite) as tmp:
         write_site(tmp, folder, measured, report)
-        move_into_place(tmp, output, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return output

@@ -7,6 +7,7 @@ import errno
 import os
 import shutil
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import RecipeError
@@ -64,6 +65,22 @@ def move_into_place(folder: Path, output: Path, overwrite: bool) -> None:
             old.rename(output)
             raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def new_folder(output: Path, overwrite: bool):
+    """Yield a hidden folder beside `output` to write into; renamed into place when the block ends, removed if
+    it raises: `output` is never half written."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        yield tmp
+        move_into_place(tmp, output, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def inside(root: Path, *parts: str) -> Path:

@@ -26,8 +26,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import shutil
 import time
 from contextlib import contextmanager
 from functools import partial
@@ -39,7 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import UserError
-from .files import move_into_place
+from .files import new_folder
 from .hooks import ResidualHook, find_blocks, run_to_layers
 
 TRAIN_TOKENS, HELDOUT_TOKENS = 50_000, 20_000
@@ -497,15 +495,7 @@ def to_json(report: dict) -> dict:
 
 def _write(report: dict, output: Path, overwrite: bool) -> None:
     """stitch.json, stitch.md and stitch_heatmap.png into a hidden folder beside `output`, renamed into place."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
+    with new_folder(output, overwrite) as tmp:
         (tmp / "stitch.json").write_text(json.dumps(to_json(report), indent=2, allow_nan=False))
         (tmp / "stitch.md").write_text(summary(report))
         plot_heatmap(report, tmp / "stitch_heatmap.png")
-        move_into_place(tmp, output, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
