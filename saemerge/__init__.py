@@ -1,7 +1,8 @@
 """saemerge: merge Hugging Face causal LMs through sparse autoencoders that share one latent space.
 
 Pipeline, one module each: recipe -> checks -> sources -> harvest -> train (losses, metrics) -> build (modeling)
--> calibrate -> evaluate -> report; pipeline.merge runs them all as a recipe says. analyze compares SAE dictionaries;
+-> calibrate -> evaluate -> report; pipeline.merge runs them all as a recipe says, then distill (one student model
+trained on the merged model's distribution) if the recipe has a `distill:` section. analyze compares SAE dictionaries;
 stitching fits affine maps between two models' residual streams.
 Importing saemerge registers `SAEMergedForCausalLM` with transformers' Auto classes.
 """
@@ -11,6 +12,7 @@ from .analyze import analyze, compare_saes
 from .browser import build_report
 from .build import build_merged, merged_model
 from .checks import check_sources, validate
+from .distill import distill
 from .errors import HubError, RecipeError, UserError
 from .evaluate import evaluate, load_merged
 from .harvest import activation_batches, recipe_batches
@@ -18,7 +20,7 @@ from .hooks import ResidualHook, find_blocks, resolve_layer, run_to_layer
 from .metrics import measure
 from .modeling import SAEMergedConfig, SAEMergedForCausalLM, register_auto_classes
 from .pipeline import merge, train_from_recipe
-from .recipe import LatentSpec, MergeSpec, Recipe, TrainSpec, load_recipe, parse_recipe
+from .recipe import DistillSpec, LatentSpec, MergeSpec, Recipe, TrainSpec, load_recipe, parse_recipe
 from .sae import SAEConfig, SparseAutoencoder
 from .sources import load_source, load_tokenizer
 from .stitching import fit_stitch, stitch_scan
@@ -29,12 +31,12 @@ register_auto_classes()
 
 __version__ = "0.1.0"
 __all__ = [
-    "Recipe", "LatentSpec", "TrainSpec", "MergeSpec", "UserError", "RecipeError", "HubError", "load_recipe",
+    "Recipe", "DistillSpec", "LatentSpec", "TrainSpec", "MergeSpec", "UserError", "RecipeError", "HubError", "load_recipe",
     "parse_recipe", "validate", "merge", "train_from_recipe", "check_sources", "load_source", "load_tokenizer",
     "find_blocks", "resolve_layer", "run_to_layer", "ResidualHook", "activation_batches", "recipe_batches",
     "SAEConfig", "SparseAutoencoder", "train_saes", "measure", "merged_model", "build_merged", "SAEMergedConfig",
     "SAEMergedForCausalLM", "evaluate", "load_merged", "analyze", "compare_saes",
     "ToyFeatures", "recovery",
     "compare_activations", "build_report",
-    "fit_stitch", "stitch_scan",
+    "fit_stitch", "stitch_scan", "distill",
 ]

@@ -64,6 +64,8 @@ def model_card(folder: str | Path, repo_id: str | None = None) -> str:
     from huggingface_hub import ModelCardData
 
     folder = Path(folder)
+    if (folder / "distill.json").is_file():
+        return student_card(folder, repo_id)
     config = json.loads((folder / "config.json").read_text())
     recipe_text = (folder / "recipe.yaml").read_text() if (folder / "recipe.yaml").is_file() else None
     recipe = yaml.safe_load(recipe_text) if recipe_text else recipe_of_config(config, folder.name)
@@ -122,6 +124,63 @@ def model_card(folder: str | Path, repo_id: str | None = None) -> str:
     if (folder / "eval_results.json").is_file():
         results = json.loads((folder / "eval_results.json").read_text())["results"]
         text += ["## Evaluation (lm-evaluation-harness)", "", results_table(results), ""]
+    card = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(text)
+    return f"{card}\n{MARK.format(digest(card))}\n"
+
+
+def student_card(folder: Path, repo_id: str | None = None) -> str:
+    """README.md for a distilled folder (`saemerge distill`): the teacher, its sources, how the student was
+    trained, its held-out loss beside the teacher's, and how to load it (plain transformers)."""
+    from huggingface_hub import ModelCardData
+
+    recipe_text = (folder / "recipe.yaml").read_text()
+    recipe, metrics = yaml.safe_load(recipe_text), json.loads((folder / "distill.json").read_text())
+    spec = recipe.get("distill") or {}
+    base_model = hub_ids([m for m in recipe["models"] if m["name"] == metrics["student"]]) or None
+    data = ModelCardData(base_model=base_model, base_model_relation="finetune" if base_model else None,
+                         tags=[*TAGS, "distillation"], library_name="transformers", pipeline_tag="text-generation")
+    held = metrics["held_out"]
+    how = "a LoRA adapter (folded into the weights)" if spec.get("lora") else "all its weights"
+    if spec.get("student_config"):
+        how += f" of a smaller config ({', '.join(f'{k} {v}' for k, v in spec['student_config'].items())})"
+    text = [
+        f"# {folder.name if repo_id is None else repo_id.split('/')[-1]}",
+        "",
+        f"A single model distilled with saemerge from the merged model `{metrics['teacher']}`, which runs "
+        f"{len(recipe['models'])} sources side by side with features carried between them through sparse "
+        "autoencoders sharing one latent space. This student runs at the cost of one model.",
+        "",
+        "Teacher's sources:",
+        "",
+        *(source_line(m, [str(m["layer"])]) for m in recipe["models"]),
+        "",
+        f"Student: `{metrics['student']}`, trained in {how} on {metrics['tokens']:,} tokens "
+        f"({metrics['steps']} steps): (1 - {spec.get('ce_weight', 0.5)}) x T^2 x KL to the teacher at temperature "
+        f"{spec.get('temperature', 2.0)}"
+        + (f" (the teacher's top {metrics['top_k']} tokens and the rest)" if metrics.get("top_k") else "")
+        + f" + {spec.get('ce_weight', 0.5)} x next-token loss"
+        + (f" + {spec['features']} x feature term (the merged SAE code)" if spec.get("features") else "") + ".",
+        "",
+        f"Held-out next-token loss ({held['tokens']:,} tokens of the training mixture): teacher "
+        f"{held['teacher_loss']:.4f}, student {held['student_loss_before']:.4f} before and "
+        f"{held['student_loss_after']:.4f} after.",
+        "",
+        "## Usage",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'model = AutoModelForCausalLM.from_pretrained("{repo_id or folder.name}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id or folder.name}")',
+        "```",
+        "",
+    ]
+    if (folder / "distill_curves.png").is_file():
+        text += ["![distillation curves](distill_curves.png)", ""]
+    if (folder / "eval_results.json").is_file():
+        results = json.loads((folder / "eval_results.json").read_text())["results"]
+        text += ["## Evaluation (lm-evaluation-harness)", "", results_table(results), ""]
+    text += ["## Recipe", "", "```yaml", recipe_text.rstrip("\n"), "```", ""]
     card = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(text)
     return f"{card}\n{MARK.format(digest(card))}\n"
 

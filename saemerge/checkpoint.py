@@ -46,17 +46,25 @@ def changed_fields(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 def save(folder: Path, step: int, saes: list[dict], optimizer, schedule, generator: torch.Generator,
          fired: list[torch.Tensor], settings: dict, **extra) -> None:
-    """Write the state after `step` steps. Non-finite SAE weights are never written (ValueError)."""
+    """Write the state of SAE training after `step` steps. Non-finite SAE weights are never written (ValueError)."""
     tensors = {f"sae.{site}.{name}.{key}": value for site, group in enumerate(saes)
                for name, sae in group.items() for key, value in sae.state_dict().items()}
+    tensors |= {f"fired.{site}": f for site, f in enumerate(fired)} | {"rng.generator": generator.get_state()}
+    write(folder, step, tensors, optimizer, schedule, settings, **extra)
+
+
+def write(folder: Path, step: int, tensors: dict[str, torch.Tensor], optimizer, schedule, settings: dict,
+          **extra) -> None:
+    """Write `tensors` (what was trained), Adam's state, the schedule and torch's random state after `step` steps;
+    state.json last. Non-finite weights are never written (ValueError)."""
     if not all(torch.isfinite(t).all() for t in tensors.values()):
-        raise ValueError("non-finite SAE weights")
+        raise ValueError("non-finite weights")
     optim = optimizer.state_dict()
+    tensors = dict(tensors)
     for index, state in optim["state"].items():
         for key, value in state.items():
             tensors[f"adam.{index}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
-    tensors |= {f"fired.{site}": f for site, f in enumerate(fired)}
-    tensors |= {"rng.generator": generator.get_state(), "rng.torch": torch.get_rng_state()}
+    tensors["rng.torch"] = torch.get_rng_state()
     folder.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:08d}.safetensors"
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, folder / name)
@@ -71,9 +79,10 @@ def save(folder: Path, step: int, saes: list[dict], optimizer, schedule, generat
             old.unlink()
 
 
-def load(folder: Path, settings: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+def load(folder: Path, settings: dict, may_change: str = "train.lr, train.log_every, train.checkpoint_every and "
+         "train.device") -> tuple[dict, dict[str, torch.Tensor]]:
     """The state and tensors of the checkpoint in `folder`; UserError if there is none or the recipe's
-    training settings differ from the checkpoint's."""
+    training settings differ from the checkpoint's (`may_change` names those that may)."""
     if not (folder / STATE).is_file():
         raise UserError(f"--resume: no checkpoint in '{folder}'; expected one left by an interrupted run of this "
                         "recipe with this output folder")
@@ -81,8 +90,7 @@ def load(folder: Path, settings: dict) -> tuple[dict, dict[str, torch.Tensor]]:
     changed = changed_fields(state["settings"], settings)
     if changed:
         raise UserError(f"--resume: the checkpoint in '{folder}' was made with other settings ({', '.join(changed)}); "
-                        "expected the same recipe (only train.lr, train.log_every, train.checkpoint_every and "
-                        "train.device may change), or start over with --overwrite")
+                        f"expected the same recipe (only {may_change} may change), or start over with --overwrite")
     return state, load_file(folder / state["tensors"])
 
 
@@ -93,6 +101,14 @@ def restore(state: dict, tensors: dict, saes: list[dict], optimizer, schedule, g
         for name, sae in group.items():
             prefix = f"sae.{site}.{name}."
             sae.load_state_dict({k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)})
+    restore_optimizer(state, tensors, optimizer, schedule, lr)
+    for site, f in enumerate(fired):
+        f.copy_(tensors[f"fired.{site}"])
+    generator.set_state(tensors["rng.generator"])
+
+
+def restore_optimizer(state: dict, tensors: dict, optimizer, schedule, lr: float) -> None:
+    """Adam's moments, the schedule (a new `lr` takes effect at the point reached) and torch's random state."""
     adam = {}
     for key, value in tensors.items():
         if key.startswith("adam."):
@@ -100,11 +116,8 @@ def restore(state: dict, tensors: dict, saes: list[dict], optimizer, schedule, g
             adam.setdefault(int(index), {})[field] = value
     optimizer.load_state_dict({"state": adam, "param_groups": state["param_groups"]})
     schedule.load_state_dict({**state["schedule"], "lr_lambdas": [None] * len(optimizer.param_groups)})
-    for group in optimizer.param_groups:  # a new train.lr takes effect at the point of the schedule reached
+    for group in optimizer.param_groups:
         group["lr"] = group["lr"] / group["initial_lr"] * lr
         group["initial_lr"] = lr
     schedule.base_lrs = [lr] * len(optimizer.param_groups)
-    for site, f in enumerate(fired):
-        f.copy_(tensors[f"fired.{site}"])
-    generator.set_state(tensors["rng.generator"])
     torch.set_rng_state(tensors["rng.torch"])

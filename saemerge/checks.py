@@ -44,6 +44,10 @@ def validate(recipe: Recipe, output: str | Path | None = None, overwrite: bool =
         errors.append(f"output: '{output}' already exists; expected a new folder (or pass --overwrite)")
     if output.exists() and not output.is_dir():
         errors.append(f"output: '{output}' is a file; expected a folder")
+    if recipe.distill is not None:  # found now, not after the merge
+        student = Path(recipe.distill.output or f"{output}-distilled")
+        if student.exists() and not overwrite:
+            errors.append(f"distill.output: '{student}' already exists; expected a new folder (or pass --overwrite)")
     try:
         paths = check_sources(recipe, allow_pickle)
         errors += check_output(recipe, output, paths)

@@ -1,9 +1,10 @@
-"""`saemerge validate | explain | merge | eval | push | export-saes | analyze | report | stitch`: a thin layer over
+"""`saemerge validate | explain | merge | distill | eval | push | export-saes | analyze | report | stitch`: a thin layer over
 the Python API. Bad input exits with code 2."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -54,6 +55,37 @@ def cmd_merge(args) -> int:
         return 0
     print((output / "report.md").read_text())
     print(f"merged model written to {output} in {time.perf_counter() - start:.0f}s")
+    return 0
+
+
+def cmd_distill(args) -> int:
+    from .distill import default_output, distill
+    from .evaluate import load_merged
+    from .recipe import DistillSpec, parse_recipe
+
+    import yaml
+
+    folder = Path(args.model)
+    if not (folder / "recipe.yaml").is_file():
+        raise UserError(f"{folder}: no recipe.yaml; expected a folder written by `saemerge merge`")
+    raw = yaml.safe_load((folder / "recipe.yaml").read_text())
+    recipe = parse_recipe(raw, str(folder / "recipe.yaml"), args.overrides)
+    if recipe.distill is None:
+        recipe.distill = DistillSpec()
+    output = Path(args.output) if args.output else default_output(recipe, folder)
+    start = time.perf_counter()
+    teacher, tokenizer = load_merged(folder, device=args.device, allow_pickle=args.allow_pickle, dtype=args.dtype)
+    output = distill(teacher, recipe, tokenizer, output, overwrite=args.overwrite, resume=args.resume,
+                     progress=not args.quiet, evaluate_after=not args.no_eval, allow_pickle=args.allow_pickle,
+                     teacher_name=folder.name)
+    held = json.loads((output / "distill.json").read_text())["held_out"]
+    print(f"held-out next-token loss: teacher {held['teacher_loss']:.4f}, student {held['student_loss_before']:.4f} "
+          f"-> {held['student_loss_after']:.4f}")
+    if (output / "eval_results.json").is_file():
+        from .evaluate import results_table
+
+        print(results_table(json.loads((output / "eval_results.json").read_text())["results"]))
+    print(f"student written to {output} in {time.perf_counter() - start:.0f}s")
     return 0
 
 
@@ -181,6 +213,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _allow_pickle_arg(p)
     p.set_defaults(run=cmd_merge)
+
+    p = sub.add_parser("distill", help="distil a merged model into one plain model that runs at one model's cost",
+                       description="Train a student (by default the merge's target, see `saemerge explain distill`) "
+                                   "on the merged model's next-token distribution over the recipe's data: KL at a "
+                                   "temperature plus the plain next-token loss, and optionally a feature term "
+                                   "through the aligned SAEs. Writes a plain Hugging Face folder (loads without "
+                                   "saemerge) with distill.json, distill_log.jsonl, distill_curves.png and a model "
+                                   "card, then runs the recipe's eval tasks on it. Settings come from the "
+                                   "folder's recipe.yaml `distill:` section (defaults if it has none) and --set.")
+    p.add_argument("model", metavar="MERGED_DIR", help="folder written by `saemerge merge` (the teacher)")
+    p.add_argument("--output", help="folder for the student (default: distill.output, else MERGED_DIR-distilled)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe field, e.g. --set distill.tokens=200000 --set distill.student=prose "
+                        "(repeatable)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder once the new one is complete")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted distillation from its checkpoint")
+    p.add_argument("--no-eval", action="store_true", help="skip the recipe's lm-eval tasks")
+    p.add_argument("--device", default="cpu", help="device of teacher and student (default: cpu)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="load the teacher in this dtype (default: auto, as saved); the student trains in float32")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _allow_pickle_arg(p)
+    p.set_defaults(run=cmd_distill)
 
     p = sub.add_parser("eval", help="run lm-evaluation-harness tasks on a merged model folder",
                        description="Evaluate a saved model folder with lm-evaluation-harness.")

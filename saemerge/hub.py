@@ -22,9 +22,9 @@ def push(folder: str | Path, repo_id: str, private: bool = False, token: str | N
     from huggingface_hub.errors import HfHubHTTPError
 
     folder = Path(folder)
-    if model_type(folder / "config.json") != "saemerge":
-        raise UserError(f"{folder}: not a merged model folder; expected the config.json of a saemerge model inside "
-                        "(written by `saemerge merge` or save_pretrained)")
+    if model_type(folder / "config.json") != "saemerge" and not (folder / "distill.json").is_file():
+        raise UserError(f"{folder}: not a merged or distilled model folder; expected the config.json of a saemerge "
+                        "model (written by `saemerge merge` or save_pretrained) or a `saemerge distill` folder")
     readme = folder / "README.md"
     # (Re)write the card unless it was edited by hand: it then names the repo and has the latest eval results.
     if not readme.is_file() or is_generated(readme.read_text()):

@@ -18,6 +18,7 @@ from .calibrate import calibrate
 from .card import write_model_card
 from .checkpoint import STATE, checkpoint_folder, training_settings
 from .checks import validate
+from .distill import default_output, distill
 from .errors import RecipeError
 from .evaluate import evaluate
 from .files import inside, move_into_place, write_atomic
@@ -108,6 +109,8 @@ def merge(recipe: Recipe, output: str | Path | None = None, overwrite: bool = Fa
           evaluate_after: bool = True, resume: bool = False, allow_pickle: bool = False) -> Path | None:
     """Run a whole recipe; return the folder of the merged model. `resume` continues the training of an
     interrupted run from its checkpoint (beside the output folder), which is removed once the output is saved.
+    A `distill:` section then distils the merged model into a student folder (distill.py); an interrupted
+    distillation continues with `saemerge distill OUTPUT --resume`.
 
     Started by a launcher with several processes (see distributed.py), all of them train; the first then goes on
     alone (calibration, saving, evaluation) and the others return None."""
@@ -151,4 +154,7 @@ def merge(recipe: Recipe, output: str | Path | None = None, overwrite: bool = Fa
     write_atomic(output / "metrics.json", json.dumps(metrics, indent=2))  # the output is complete at every instant
     write_report(output, recipe, metrics, results)
     write_model_card(output)  # after the report: the card has the eval table
+    if recipe.distill is not None:
+        distill(model, recipe, tokenizer, default_output(recipe, output), overwrite=overwrite, progress=progress,
+                evaluate_after=evaluate_after, allow_pickle=allow_pickle, teacher_name=output.name)
     return output

@@ -10,7 +10,8 @@ import difflib
 import re
 import shutil
 import textwrap
-from typing import get_args, get_origin
+from types import UnionType
+from typing import Union, get_args, get_origin
 
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
@@ -19,7 +20,11 @@ from .recipe import Recipe, RecipeError
 
 
 def _submodel(annotation) -> tuple[type[BaseModel] | None, bool]:
-    """(the nested spec, whether it is a list of them) for a section; (None, False) for a leaf."""
+    """(the nested spec, whether it is a list of them) for a section (an optional one too, such as `distill`);
+    (None, False) for a leaf."""
+    if get_origin(annotation) in (Union, UnionType):
+        kinds = [a for a in get_args(annotation) if a is not type(None)]
+        annotation = kinds[0] if len(kinds) == 1 else annotation
     is_list = get_origin(annotation) is list
     inner = get_args(annotation)[0] if is_list else annotation
     if isinstance(inner, type) and issubclass(inner, BaseModel):

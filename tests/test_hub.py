@@ -132,7 +132,7 @@ def test_errors_are_one_line_with_exit_code_2(folder, tmp_path, local_hub, capsy
     (tmp_path / "not-a-model").mkdir()
     assert main(["push", str(tmp_path / "not-a-model"), "user/x"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "not-a-model: not a merged model folder" in err
+    assert err.count("\n") == 1 and "not-a-model: not a merged or distilled model folder" in err
 
     # A wrong --token: the Hub's 401 becomes one line, and the token sent was the one given.
     assert main(["push", str(folder), "user/x", "--token", "hf_wrong"]) == 2

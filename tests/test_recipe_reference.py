@@ -19,8 +19,12 @@ def leaf_fields(model: type[BaseModel], prefix: str = "") -> list[str]:
     # Written apart from recipe_reference.py so that a field it skips shows up here.
     names = []
     for name, field in model.model_fields.items():
-        is_list = get_origin(field.annotation) is list
-        inner = get_args(field.annotation)[0] if is_list else field.annotation
+        annotation = field.annotation
+        if type(None) in get_args(annotation):  # an optional section (distill, distill.lora)
+            kinds = [a for a in get_args(annotation) if a is not type(None)]
+            annotation = kinds[0] if len(kinds) == 1 else annotation
+        is_list = get_origin(annotation) is list
+        inner = get_args(annotation)[0] if is_list else annotation
         if isinstance(inner, type) and issubclass(inner, BaseModel):
             names += leaf_fields(inner, f"{prefix}{name}{'[]' if is_list else ''}.")
         else:
