@@ -213,7 +213,7 @@ class Bench:
         self.row(f"control: {target} fine-tuned on the mixture (no teacher)", "control",
                  self.student("control", self.teacher, ce_weight=1.0))
         self.row("student <- SAE merge", "student", self.student("sae-merge", self.teacher), speed=True)
-        self.row("student <- SAE merge, + feature term", "student",
+        self.row("student <- SAE merge + feature term", "student",
                  self.student("sae-merge-features", self.teacher, features=self.args.features))
         self.row("student <- routed ensemble", "student", self.student("routed", self.routed))
         self.row("student <- logit ensemble", "student", self.student(
@@ -259,9 +259,13 @@ def write_report(json_path: Path) -> None:
     for name, r in rows.items():
         gen = r.get("generation")
         speed = f"{gen['tokens_per_second']:.1f} ({gen['vs_target']:.2f}x)" if gen else "-"
-        lines.append(f"| {name} | {r['group']} | {r['prose']['loss']:.3f} | {r['code']['loss']:.3f} | "
+        lines.append(f"| {name}{' *' if 'copied_from' in r else ''} | {r['group']} | {r['prose']['loss']:.3f} | {r['code']['loss']:.3f} | "
                      f"**{r['mix']['loss']:.3f}** | {r['prose']['bpb']:.3f} | {r['code']['bpb']:.3f} | "
                      f"{r['mix']['bpb']:.3f} | {speed} |")
+    copied = {r["copied_from"] for r in rows.values() if "copied_from" in r}
+    if copied:
+        lines += ["", f"\\* copied from {', '.join(sorted(copied))} (same test sample and scorer; its SAE merge is an "
+                  "earlier run of the same recipe)."]
     sources = {d: rows[f"{name} alone"] for d, name in setup["domains"].items() if f"{name} alone" in rows}
     mergekit = [r["mix"]["loss"] for r in rows.values() if r["group"] == "mergekit"]
     control = next((r for r in rows.values() if r["group"] == "control"), None)

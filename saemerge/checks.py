@@ -16,6 +16,7 @@ from transformers import PreTrainedModel
 from . import distributed
 from .checkpoint import STATE, checkpoint_folder
 from .data import calibration_data, open_mixture
+from .distill import default_output
 from .errors import RecipeError
 from .files import inside
 from .hooks import resolve_layer
@@ -45,7 +46,7 @@ def validate(recipe: Recipe, output: str | Path | None = None, overwrite: bool =
     if output.exists() and not output.is_dir():
         errors.append(f"output: '{output}' is a file; expected a folder")
     if recipe.distill is not None:  # found now, not after the merge
-        student = Path(recipe.distill.output or f"{output}-distilled")
+        student = default_output(recipe, output)
         if student.exists() and not overwrite:
             errors.append(f"distill.output: '{student}' already exists; expected a new folder (or pass --overwrite)")
     try:

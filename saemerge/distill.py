@@ -312,9 +312,8 @@ def distill(teacher, recipe: Recipe, tokenizer, output: str | Path | None = None
     # Rows are numbered by steps done, so the row of the checkpoint's own step is kept.
     log = TrainingLog(checkpoint / "distill_log.jsonl", start + 1 if start else 0)
     device = student.get_output_embeddings().weight.device
-    before = held_out_loss(student, held_out) if start == 0 else None
-    if before is not None:
-        log.write({"step": 0, "tokens": 0, "held_out_loss": before})
+    if start == 0:  # the student before training: the first row, which a resumed run keeps
+        log.write({"step": 0, "tokens": 0, "held_out_loss": held_out_loss(student, held_out)})
     bar = tqdm(range(start, steps), desc="distilling", disable=not progress, unit="step", initial=start, total=steps)
     began = time.perf_counter() - seconds
 
@@ -365,22 +364,14 @@ def distill(teacher, recipe: Recipe, tokenizer, output: str | Path | None = None
     student.eval()
     if spec.lora is not None:
         student = student.merge_and_unload()
-    after = held_out_loss(student, held_out)
+    first = json.loads((checkpoint / "distill_log.jsonl").read_text().splitlines()[0])
     metrics = {"teacher": teacher_name or recipe.name, "student": spec.student or recipe.merge.target,
                "steps": steps, "tokens": steps * batch_size * seq_len, "top_k": top_k,
                "trained_parameters": sum(p.numel() for p in params), "seconds": round(seconds, 1),
                "held_out": {"tokens": int((held_out[1][:, 1:] != -100).sum()), "teacher_loss": teacher_loss,
-                            "student_loss_before": before if before is not None else _first_held_out(checkpoint),
-                            "student_loss_after": after}}
-    with new_folder(output, overwrite) as tmp:
-        student.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "recipe.yaml").write_text(recipe_yaml(recipe))
-        (tmp / "distill.json").write_text(json.dumps(metrics, indent=2))
-        shutil.copy(checkpoint / "distill_log.jsonl", tmp / "distill_log.jsonl")
-        plot_distillation(tmp / "distill_log.jsonl", teacher_loss, tmp / "distill_curves.png")
-        write_model_card(tmp, repo_id=output.name)
-    shutil.rmtree(checkpoint, ignore_errors=True)
+                            "student_loss_before": first["held_out_loss"],
+                            "student_loss_after": held_out_loss(student, held_out)}}
+    save_student(student, tokenizer, recipe, metrics, checkpoint, output, overwrite)
     if evaluate_after and recipe.eval.tasks:
         evaluate(student, tokenizer, recipe.eval.tasks, recipe.eval.include_path, recipe.eval.limit,
                  recipe.eval.batch_size, output=output / "eval_results.json", max_length=recipe.eval.max_length)
@@ -388,9 +379,18 @@ def distill(teacher, recipe: Recipe, tokenizer, output: str | Path | None = None
     return output
 
 
-def _first_held_out(checkpoint: Path) -> float | None:
-    first = (checkpoint / "distill_log.jsonl").read_text().splitlines()[:1]
-    return json.loads(first[0]).get("held_out_loss") if first else None
+def save_student(student, tokenizer, recipe: Recipe, metrics: dict, checkpoint: Path, output: Path,
+                 overwrite: bool) -> None:
+    """The student's folder, written whole or not at all; then the checkpoint goes."""
+    with new_folder(output, overwrite) as tmp:
+        student.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "recipe.yaml").write_text(recipe_yaml(recipe))
+        (tmp / "distill.json").write_text(json.dumps(metrics, indent=2))
+        shutil.copy(checkpoint / "distill_log.jsonl", tmp / "distill_log.jsonl")
+        plot_distillation(tmp / "distill_log.jsonl", metrics["held_out"]["teacher_loss"], tmp / "distill_curves.png")
+        write_model_card(tmp, repo_id=output.name)
+    shutil.rmtree(checkpoint, ignore_errors=True)
 
 
 class ResidualHooks:
