@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -28,3 +29,16 @@ def mergekit_linear(models: list[Path], output: Path, weights: list[float] | Non
     if proc.returncode != 0:
         raise RuntimeError(f"mergekit-yaml failed: {proc.stderr.strip().splitlines()[-1:]}")
     return output
+
+
+def domain_scores(results: dict, tasks: dict[str, str], counts: dict[str, tuple[int, int]]) -> dict:
+    """lm-eval's bits per byte of each domain's task, also as nats per token (NLL = bpb * ln 2 * bytes, over the
+    tokens of the one shared tokenizer), and the mixture as the mean of the domains. `tasks`: {domain: task};
+    `counts`: {domain: (bytes, tokens)} of the scored text."""
+    out = {}
+    for domain, task in tasks.items():
+        bpb = results[task]["bits_per_byte"]
+        n_bytes, n_tokens = counts[domain]
+        out[domain] = {"bpb": bpb, "loss": bpb * math.log(2) * n_bytes / n_tokens}
+    out["mix"] = {k: sum(out[d][k] for d in tasks) / len(tasks) for k in ("bpb", "loss")}
+    return out

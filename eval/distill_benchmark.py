@@ -21,7 +21,6 @@ import argparse
 import copy
 import gzip
 import json
-import math
 import os
 import statistics
 import sys
@@ -37,7 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "eval"), str(REPO / "eval/tasks")]
 
 import sample  # noqa: E402
-from baselines import mergekit_linear  # noqa: E402
+from baselines import domain_scores, mergekit_linear  # noqa: E402
 from generate_speed import prompts, timed_generate  # noqa: E402
 from saemerge import SAEMergedForCausalLM, evaluate, parse_recipe  # noqa: E402
 from saemerge.calibrate import calibrate  # noqa: E402
@@ -91,13 +90,7 @@ class Bench:
         prose, code, mix = self.tasks
         results = evaluate(model, self.tokenizer, [mix], include_path=REPO / "eval/tasks",
                            batch_size=self.pair["eval_batch"], max_length=self.pair["max_length"])
-        out = {}
-        for domain, task in (("prose", prose), ("code", code)):
-            bpb = results[task]["bits_per_byte"]
-            n_bytes, n_tokens = self.counts[domain]
-            out[domain] = {"bpb": bpb, "loss": bpb * math.log(2) * n_bytes / n_tokens}
-        out["mix"] = {k: (out["prose"][k] + out["code"][k]) / 2 for k in ("bpb", "loss")}
-        return out
+        return domain_scores(results, {"prose": prose, "code": code}, self.counts)
 
     def speed(self, model) -> dict:
         """Generation tokens/s of `model` and of the target source, interleaved; the ratio of the medians."""

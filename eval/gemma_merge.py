@@ -19,7 +19,6 @@ import argparse
 import copy
 import gzip
 import json
-import math
 import os
 import subprocess
 import sys
@@ -32,9 +31,10 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "eval/tasks"))
+sys.path[:0] = [str(REPO / "eval"), str(REPO / "eval/tasks")]
 
 import sample  # noqa: E402
+from baselines import domain_scores  # noqa: E402
 from saemerge import SAEMergedForCausalLM, evaluate, load_recipe  # noqa: E402
 from saemerge.calibrate import calibrate  # noqa: E402
 
@@ -84,13 +84,7 @@ class Bench:
         return sum(len(t.encode()) for t in texts), sum(len(self.tokenizer(t)["input_ids"]) for t in texts)
 
     def scores(self, results: dict) -> dict:
-        out = {}
-        for domain, task in TASKS.items():
-            bpb = results[task]["bits_per_byte"]
-            n_bytes, n_tokens = self.counts[domain]
-            out[domain] = {"bpb": bpb, "loss": bpb * math.log(2) * n_bytes / n_tokens}
-        out["mix"] = {k: (out["prose"][k] + out["code"][k]) / 2 for k in ("bpb", "loss")}
-        return out
+        return domain_scores(results, TASKS, self.counts)
 
     def score(self, model) -> dict:
         start = time.perf_counter()
