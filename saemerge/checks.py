@@ -45,7 +45,8 @@ def validate(recipe: Recipe, output: str | Path | None = None, overwrite: bool =
         errors.append(f"output: '{output}' already exists; expected a new folder (or pass --overwrite)")
     if output.exists() and not output.is_dir():
         errors.append(f"output: '{output}' is a file; expected a folder")
-    if recipe.distill is not None:  # found now, not after the merge
+    merging = isinstance(recipe, Recipe)  # else an SAERecipe: `train-saes` writes dictionaries only
+    if merging and recipe.distill is not None:  # found now, not after the merge
         student = default_output(recipe, output)
         if student.exists() and not overwrite:
             errors.append(f"distill.output: '{student}' already exists; expected a new folder (or pass --overwrite)")
@@ -54,7 +55,7 @@ def validate(recipe: Recipe, output: str | Path | None = None, overwrite: bool =
         errors += check_output(recipe, output, paths)
     except RecipeError as e:
         errors += e.lines
-    for data, where in [(recipe.data, "data")] + ([calibration_data(recipe)] if recipe.merge.calibrate.datasets else []):
+    for data, where in [(recipe.data, "data")] + ([calibration_data(recipe)] if merging and recipe.merge.calibrate.datasets else []):
         try:
             open_mixture(data, recipe.train.seed, where)
         except RecipeError as e:
@@ -74,7 +75,7 @@ def validate(recipe: Recipe, output: str | Path | None = None, overwrite: bool =
     if sequences % distributed.world():
         errors.append(f"train.batch_tokens: {sequences} sequences per step cannot be shared by {distributed.world()} "
                       f"processes; expected a multiple of {distributed.world() * recipe.data.seq_len} tokens")
-    if recipe.eval.include_path and not Path(recipe.eval.include_path).is_dir():
+    if merging and recipe.eval.include_path and not Path(recipe.eval.include_path).is_dir():
         errors.append(f"eval.include_path: folder '{recipe.eval.include_path}' does not exist")
     if errors:
         raise RecipeError(errors)
@@ -103,7 +104,7 @@ def output_bytes(recipe: Recipe, paths: dict[str, list[str]]) -> int:
     total = 10 * 10**6
     for spec in recipe.models:
         skeleton = build_skeleton(spec)
-        if recipe.save.storage == "self-contained":
+        if isinstance(recipe, Recipe) and recipe.save.storage == "self-contained":
             total += sum(p.numel() for p in skeleton.parameters()) * DTYPES[spec.dtype].itemsize
         for path in paths[spec.name]:
             d_in = layer_width(skeleton, path) or skeleton.config.get_text_config().hidden_size
@@ -153,7 +154,7 @@ def check_sources(recipe: Recipe, allow_pickle: bool = False) -> dict:
             errors += check_weights(local, f"{where}.model", skeleton, allow_pickle)
         text = skeleton.config.get_text_config()
         positions = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
-        for field, length in (("data.seq_len", recipe.data.seq_len), ("eval.max_length", recipe.eval.max_length)):
+        for field, length in (("data.seq_len", recipe.data.seq_len), ("eval.max_length", getattr(recipe, "eval", None) and recipe.eval.max_length)):
             if positions and length and length > positions:  # longer inputs crash in the position embeddings
                 errors.append(f"{field}: {length} tokens; expected at most {positions}, the maximum positions of "
                               f"{where} ('{spec.model}')")

@@ -1,4 +1,4 @@
-"""`saemerge validate | explain | merge | distill | eval | push | export-saes | analyze | report | stitch`: a thin layer over
+"""`saemerge validate | explain | merge | train-saes | distill | eval | push | export-saes | analyze | report | stitch`: a thin layer over
 the Python API. Bad input exits with code 2."""
 
 from __future__ import annotations
@@ -55,6 +55,20 @@ def cmd_merge(args) -> int:
         return 0
     print((output / "report.md").read_text())
     print(f"merged model written to {output} in {time.perf_counter() - start:.0f}s")
+    return 0
+
+
+def cmd_train_saes(args) -> int:
+    from .dictionaries import train_dictionaries
+    from .recipe import SAERecipe
+
+    recipe = load_recipe(args.recipe, args.overrides, schema=SAERecipe)
+    start = time.perf_counter()
+    output = train_dictionaries(recipe, output=args.output, overwrite=args.overwrite, resume=args.resume,
+                                progress=not args.quiet, allow_pickle=args.allow_pickle)
+    if output is not None:
+        print((output / "README.md").read_text())
+        print(f"dictionaries written to {output} in {time.perf_counter() - start:.0f}s")
     return 0
 
 
@@ -213,6 +227,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _allow_pickle_arg(p)
     p.set_defaults(run=cmd_merge)
+
+    p = sub.add_parser("train-saes", help="train SAEs at many sites of a model (no merge): dictionaries to analyse",
+                       description="Train an SAE at every site the recipe lists (`models.0.layer`: block indices "
+                                   "or module paths such as transformer.h.1.attn, model.layers.2.mlp), the model "
+                                   "run once per batch for all of them. A recipe with one source, or a merge "
+                                   "recipe (its merge, eval, save and distill sections are ignored; its sources' "
+                                   "SAEs share a latent space per site). Writes saes/, metrics.json, "
+                                   "training_log.jsonl, training_curves.png and a README table; `saemerge "
+                                   "export-saes` converts them, `links`, `circuit` and `features` analyse them.")
+    _recipe_args(p)
+    p.add_argument("--output", help="output folder (default: the recipe's `output`)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder once the new one is complete")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _allow_pickle_arg(p)
+    p.set_defaults(run=cmd_train_saes)
 
     p = sub.add_parser("distill", help="distil a merged model into one plain model that runs at one model's cost",
                        description="Train a student (by default the merge's target, see `saemerge explain distill`) "

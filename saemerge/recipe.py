@@ -170,23 +170,33 @@ class DistillSpec(Strict):
     checkpoint_every: int = Field(200, ge=0, description="Steps between checkpoints (0: only when interrupted); `--resume` continues from the last.")
 
 
-class Recipe(Strict):
+class SAERecipe(Strict):
+    """What `saemerge train-saes` reads: the sources and their sites, the latent space, the data and the training
+    (a merge recipe's first sections; its merge-only sections are ignored there)."""
     name: str = Field(description="Name of the merge.")
-    models: list[SourceSpec] = Field(min_length=2, description="Two or more sources.")
+    models: list[SourceSpec] = Field(min_length=1, description="The sources.")
     latent: LatentSpec
     data: DataSpec
     train: TrainSpec = Field(default_factory=TrainSpec)
-    merge: MergeSpec
-    eval: EvalSpec = Field(default_factory=EvalSpec)
-    output: str = Field(description="Folder the merged model is written to.")
-    save: SaveSpec = Field(default_factory=SaveSpec)
-    distill: DistillSpec | None = Field(None, description="Distil the merged model into one model after the merge (`saemerge distill` runs it on a saved merge).")
+    output: str = Field(description="Folder the merged model (`saemerge merge`) or the dictionaries (`saemerge train-saes`) are written to.")
 
     def source(self, name: str) -> SourceSpec:
         return next(s for s in self.models if s.name == name)
 
 
-def _cross_field_errors(recipe: Recipe) -> list[str]:
+class Recipe(SAERecipe):
+    models: list[SourceSpec] = Field(min_length=2, description="Two or more sources (`saemerge train-saes` takes one).")
+    merge: MergeSpec
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    save: SaveSpec = Field(default_factory=SaveSpec)
+    distill: DistillSpec | None = Field(None, description="Distil the merged model into one model after the merge (`saemerge distill` runs it on a saved merge).")
+
+
+# Sections only a merge reads: `train-saes` given a merge recipe leaves them out.
+MERGE_ONLY = sorted(set(Recipe.model_fields) - set(SAERecipe.model_fields))
+
+
+def _cross_field_errors(recipe: SAERecipe) -> list[str]:
     """Checks pydantic cannot attach to a single field."""
     errors = []
     names = [s.name for s in recipe.models]
@@ -203,6 +213,13 @@ def _cross_field_errors(recipe: Recipe) -> list[str]:
         # A source starts all its SAEs from files or none of them; other sources may start fresh.
         if spec.sae is not None and len(spec.sae_folders) != counts[i]:
             errors.append(f"models.{i}.sae: {len(spec.sae_folders)} given; expected one folder per layer ({counts[i]})")
+    if isinstance(recipe, Recipe):
+        errors += _merge_errors(recipe, names)
+    return errors + _lone_surrogates(recipe.model_dump())
+
+
+def _merge_errors(recipe: Recipe, names: list[str]) -> list[str]:
+    errors = []
     if recipe.merge.target not in names:
         errors.append(f"merge.target: '{recipe.merge.target}' is not a source; expected one of {names}")
     for j, name in enumerate(recipe.merge.inject or []):
@@ -223,7 +240,7 @@ def _cross_field_errors(recipe: Recipe) -> list[str]:
     if distill is not None and distill.lora is not None and distill.student_config:
         errors.append("distill.lora: set with distill.student_config; expected one of them (a new, smaller student "
                       "trains all its weights)")
-    return errors + _lone_surrogates(recipe.model_dump())
+    return errors
 
 
 def _lone_surrogates(node: Any, path: str = "") -> list[str]:
@@ -279,14 +296,17 @@ def set_override(raw: dict, assignment: str) -> None:
         raise RecipeError(f"--set {key}: cannot set a key inside a {type(node).__name__}")
 
 
-def parse_recipe(raw: Any, where: str = "recipe", overrides: list[str] = ()) -> Recipe:
-    """Validate a recipe given as a dict; raise RecipeError with every problem found."""
+def parse_recipe(raw: Any, where: str = "recipe", overrides: list[str] = (), schema: type[SAERecipe] = Recipe):
+    """Validate a recipe given as a dict as a `schema` (Recipe, or SAERecipe for `train-saes`, which leaves a merge
+    recipe's merge-only sections out); raise RecipeError with every problem found."""
     if not isinstance(raw, dict):
         raise RecipeError(f"{where}: expected a YAML mapping at the top level, got {type(raw).__name__}")
+    if schema is SAERecipe:
+        raw = {key: value for key, value in raw.items() if key not in MERGE_ONLY}
     for assignment in overrides:
         set_override(raw, assignment)
     try:
-        recipe = Recipe.model_validate(raw)
+        recipe = schema.model_validate(raw)
     except ValidationError as e:
         raise RecipeError([f"{where}: {line}" for line in _format_pydantic(e)]) from None
     errors = _cross_field_errors(recipe)
@@ -295,7 +315,7 @@ def parse_recipe(raw: Any, where: str = "recipe", overrides: list[str] = ()) -> 
     return recipe
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] = (), schema: type[SAERecipe] = Recipe):
     """Read and validate a recipe file (structure only; `check_sources` looks at the models)."""
     path = Path(path)
     if not path.is_file():
@@ -305,8 +325,8 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RecipeError(f"{path}: not valid YAML: {first}") from None
-    return parse_recipe(raw, str(path), overrides)
+    return parse_recipe(raw, str(path), overrides, schema)
 
 
-def recipe_yaml(recipe: Recipe) -> str:
+def recipe_yaml(recipe: SAERecipe) -> str:
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

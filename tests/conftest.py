@@ -218,3 +218,33 @@ def batch(zoo):
     tok.padding_side = "left"
     tok.pad_token = tok.eos_token
     return tok(PROMPTS, return_tensors="pt", padding=True)
+
+
+SITES = {"gpt2": [0, "transformer.h.1.attn", "transformer.h.1.mlp", 1, 2],
+         "llama": [0, "model.layers.1.self_attn", "model.layers.1.mlp", 1, 2]}
+
+
+@pytest.fixture(scope="session")
+def dictionaries(zoo, tmp_path_factory):
+    """dictionaries(family, size=64) -> a `saemerge train-saes` folder: SAEs (TopK, k 8) at five sites of a tiny
+    model (block 0, attention and MLP outputs of block 1, blocks 1 and 2), trained for a few seconds on real text.
+    gpt2: the briefly trained GPT-2; llama: the random tiny Llama. Built once per (family, size)."""
+    from saemerge.dictionaries import train_dictionaries
+    from saemerge.recipe import SAERecipe
+
+    built = {}
+
+    def make(family: str = "gpt2", size: int = 64) -> Path:
+        if (family, size) not in built:
+            output = tmp_path_factory.mktemp(f"dicts-{family}-{size}") / "dicts"
+            model = zoo["gpt2_trained" if family == "gpt2" else family]
+            raw = {"name": f"dicts-{family}", "models": [{"name": "m", "model": str(model), "layer": SITES[family]}],
+                   "latent": {"size": size, "k": 8},
+                   "data": {"datasets": [{"path": "json", "data_files": str(PROSE)},
+                                         {"path": "json", "data_files": str(CODE)}],
+                            "seq_len": 32, "tokens": 8192, "shuffle_buffer": 8},
+                   "train": {"batch_tokens": 512, "lr": 3e-3, "eval_tokens": 1024},
+                   "output": str(output)}
+            built[family, size] = train_dictionaries(parse_recipe(raw, schema=SAERecipe), progress=False)
+        return built[family, size]
+    return make
