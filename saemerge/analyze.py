@@ -260,7 +260,7 @@ def _activation_inputs(pair: dict, merged: Path | None, model_a, model_b, layer_
     """What the activation measures of one pair read: per side (model reference, tokenizer reference, layer),
     the data and seq_len. From the recipe.yaml of the merged folder `merged` (or of the one an SAE folder sits
     in), else from the arguments, else from a SAELens cfg.json (model_name, hook_name blocks.<i>.hook_resid_*)."""
-    from .recipe import SourceSpec, load_recipe
+    from .recipe import SAERecipe, SourceSpec, load_recipe
 
     given = {"a": (model_a, layer_a), "b": (model_b, layer_b)}
     if merged is not None and any(v is not None for v in (model_a, model_b, layer_a, layer_b)):
@@ -277,7 +277,7 @@ def _activation_inputs(pair: dict, merged: Path | None, model_a, model_b, layer_
             if not file.is_file():
                 raise UserError(f"{'A' if merged else side.upper()}: '{root}' has no recipe.yaml; expected one naming "
                                 "the models (or give --model-a, --model-b, --layer-a, --layer-b)")
-            recipe = load_recipe(file)
+            recipe = load_recipe(file, schema=SAERecipe)
             source = name if merged is not None else folder.resolve().parent.name
             spec = recipe.source(source)
             recipe_data = recipe_data or recipe.data

@@ -203,11 +203,11 @@ def _merged(folder: Path, data, n_tokens: int, n_latents: int, top: int, progres
     from .checks import _tokenizers_match
     from .data import token_batches
     from .pipeline import load_sources
-    from .recipe import load_recipe
+    from .recipe import SAERecipe, load_recipe
     from .sae import SparseAutoencoder
     from .sources import load_tokenizer
 
-    recipe = load_recipe(folder / "recipe.yaml")
+    recipe = load_recipe(folder / "recipe.yaml", schema=SAERecipe)  # a merge or a train-saes folder
     spec = _data_spec(recipe, data)
     site_folders = _merged_sites(folder)
     names = [m.name for m in recipe.models if all(m.name in site for site in site_folders)]
