@@ -143,6 +143,30 @@ def _analysis(report: dict | None, site: Path) -> str:
 
 
 # --- latents ------------------------------------------------------------------------------------------------
+# What `saemerge links | circuit | features` write; a subfolder of the browsed folder holding one is shown.
+FEATURE_ANALYSES = ("links", "circuit", "evolution", "clusters", "split", "subset")
+
+
+def _feature_analyses(folder: Path, site: Path) -> str:
+    """The summaries and figures of the feature analyses in subfolders of `folder`, the PNGs copied."""
+    html = []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        for name in FEATURE_ANALYSES:
+            if not (sub / f"{name}.md").is_file():
+                continue
+            html.append(f"<h3>{escape(sub.name)}</h3>")
+            if (sub / f"{name}.png").is_file():
+                (site / "analyses" / sub.name).mkdir(parents=True, exist_ok=True)
+                shutil.copy(sub / f"{name}.png", site / "analyses" / sub.name / f"{name}.png")
+                html.append(f'<img class="plot" src="analyses/{escape(sub.name)}/{name}.png" alt="{name}">')
+            html.append(f"<details open><summary>{name}.md</summary>"
+                        f"<pre>{escape((sub / f'{name}.md').read_text())}</pre></details>")
+    if not html:
+        return ('<p class="note">None here: `saemerge links`, `circuit` and `features evolution | clusters` write '
+                "into subfolders of a train-saes folder, which this page then shows.</p>")
+    return "\n".join(html)
+
+
 def _tokens(tokenizer):
     @lru_cache(maxsize=None)
     def text(token_id: int) -> str:  # one token alone, whitespace made visible
@@ -284,7 +308,8 @@ def write_site(site: Path, folder: Path, m: dict | None, report: dict | None) ->
     recipe = m["recipe"]
     sources = ", ".join(f"{s.name} ({s.model}, layer {s.layer})" for s in recipe.models)
     sections = [("recipe", "Recipe"), ("saes", "Sparse autoencoders"), ("training", "Training"),
-                ("evaluation", "Evaluation"), ("analysis", "Dictionaries compared"), ("latents", "Latents")]
+                ("evaluation", "Evaluation"), ("analysis", "Dictionaries compared"),
+                ("features", "Feature analyses"), ("latents", "Latents")]
     body = [f"<h1>{escape(recipe.name)}</h1>",
             f'<p>Feature browser of <code>{escape(str(folder))}</code>. Sources: {escape(sources)}; '
             f"{recipe.latent.size} {escape(recipe.latent.activation)} latents. Sources loaded, run and "
@@ -301,6 +326,7 @@ def write_site(site: Path, folder: Path, m: dict | None, report: dict | None) ->
         body.append('<p class="note">No training_curves.png.</p>')
     body += ['<h2 id="evaluation">Evaluation</h2>', _evaluation(folder),
              '<h2 id="analysis">Dictionaries compared</h2>', _analysis(report, site),
+             '<h2 id="features">Feature analyses</h2>', _feature_analyses(folder, site),
              '<h2 id="latents">Latents</h2>', _latents_section(m)]
     (site / "latents").mkdir()
     n_sites = len(m["stats"])

@@ -3,6 +3,7 @@ harvest, on real tiny models; a merge recipe reused without merging; the folder 
 one-line errors."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -59,7 +60,10 @@ def test_a_merge_recipe_trains_its_saes_without_merging(zoo, tmp_path, write_rec
 
 
 def test_export_and_browse_a_dictionary_folder(dictionaries, tmp_path):
-    folder = dictionaries("gpt2")
+    folder = tmp_path / "dicts"
+    shutil.copytree(dictionaries("gpt2"), folder)
+    assert main(["links", str(folder), "--upstream", "0", "--downstream", "3", "--tokens", "256", "--features", "4",
+                 "--quiet"]) == 0  # into folder/links-0-3, which the browser shows
     assert main(["export-saes", str(folder), str(tmp_path / "lens")]) == 0
     exported = sorted(p.parent.name for p in (tmp_path / "lens").rglob("cfg.json"))
     assert exported == sorted(load_dictionaries(folder).paths)
@@ -67,7 +71,9 @@ def test_export_and_browse_a_dictionary_folder(dictionaries, tmp_path):
     assert weights["W_dec"].shape == (64, 32)
     assert main(["report", str(folder), "--output", str(tmp_path / "browser"), "--tokens", "512", "--latents", "4",
                  "--quiet"]) == 0
-    assert (tmp_path / "browser" / "index.html").stat().st_size > 1000
+    index = (tmp_path / "browser" / "index.html").read_text()
+    assert '<img class="plot" src="analyses/links-0-3/links.png"' in index and "Spearman" in index
+    assert (tmp_path / "browser" / "analyses" / "links-0-3" / "links.png").stat().st_size > 1000
 
 
 def test_errors_are_one_line(zoo, tmp_path, write_recipe, capsys):
