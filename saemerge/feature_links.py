@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .dictionaries import Dictionaries, load_dictionaries
+from .dictionaries import Dictionaries
 from .errors import UserError
 from .feature_intervention import code_gradient, run_features
-from .feature_sample import Sample, site_index, snippet
+from .feature_sample import Sample, load, site_index, snippet
 from .files import new_folder
 
 # Tokens per forward, copies of the batch included. Copies (several features per forward) halve the time on the
@@ -53,9 +53,7 @@ def feature_links(folder: str | Path, upstream: int | str, downstream: int | str
     from .sources import load_source, load_tokenizer
 
     start = time.perf_counter()
-    if not Path(folder).is_dir():
-        raise UserError(f"DICT_DIR: '{folder}' is not a folder; expected one written by `saemerge train-saes`")
-    dicts = load_dictionaries(folder, source)
+    dicts = load(folder, "DICT_DIR", source)
     u, d = site_index(dicts, upstream, "--upstream"), site_index(dicts, downstream, "--downstream")
     if u >= d:
         raise UserError(f"--downstream: site {d} ({dicts.paths[d]}) is not after --upstream site {u} "

@@ -117,7 +117,7 @@ def site_index(dicts: Dictionaries, value: int | str, arg: str = "--site") -> in
     raise UserError(f"{arg}: '{value}' is not a site of {dicts.folder}; expected an index or one of {dicts.paths}")
 
 
-def load(folder: str | Path, arg: str) -> Dictionaries:
+def load(folder: str | Path, arg: str, source: str | None = None) -> Dictionaries:
     """load_dictionaries, with a missing or wrong folder a one-line error naming `arg`."""
     from .dictionaries import load_dictionaries
     from .errors import RecipeError
@@ -125,6 +125,6 @@ def load(folder: str | Path, arg: str) -> Dictionaries:
     if not Path(folder).is_dir():
         raise UserError(f"{arg}: '{folder}' is not a folder; expected one written by `saemerge train-saes`")
     try:
-        return load_dictionaries(folder)
+        return load_dictionaries(folder, source)
     except RecipeError as e:
-        raise UserError(f"{arg}: {e.lines[0]}") from None
+        raise UserError(e.lines[0] if e.lines[0].startswith("--source") else f"{arg}: {e.lines[0]}") from None
