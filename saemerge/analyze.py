@@ -47,7 +47,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
 from .errors import UserError
-from .files import new_folder
+from .files import new_folder, refuse_existing
 from .interchange import import_sae
 from .activation_measures import (DATA_FILE, TOKENS, check_tokenizers, compare_activations, data_spec, sample_texts,
                                   summary_lines)
@@ -358,8 +358,7 @@ def analyze(a_path: str | Path, b_path: str | Path | None = None, output: str | 
     start = time.perf_counter()
     a_path, b_path = Path(a_path), None if b_path is None else Path(b_path)
     output = None if output is None else Path(output)
-    if output is not None and output.exists() and not overwrite:
-        raise UserError(f"--output: '{output}' exists; expected a new folder (or pass --overwrite)")
+    refuse_existing(output, overwrite)
     if max_match < 1:
         raise UserError(f"--max-match: {max_match}; expected a positive number of latents")
     activations = activations or data is not None

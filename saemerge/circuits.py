@@ -23,7 +23,6 @@ Three searches:
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -38,7 +37,7 @@ from .behaviours import Behaviour, PromptBatch, bracket_behaviour, load_behaviou
 from .dictionaries import Dictionaries, load_dictionaries
 from .errors import UserError
 from .feature_intervention import code_gradient, mean_codes, run_features
-from .files import new_folder
+from .files import refuse_existing, write_results
 from .hooks import find_blocks
 
 METHODS = ("attribution", "acdc", "components")
@@ -382,8 +381,7 @@ def find_circuit(dict_dir: str | Path, behaviour: str | Path = "brackets", *, da
         if not ok:
             raise UserError(f"{arg}: {value}; expected {expected}")
     output = None if output is None else Path(output)
-    if output is not None and output.exists() and not overwrite:
-        raise UserError(f"--output: '{output}' exists; expected a new folder (or pass --overwrite)")
+    refuse_existing(output, overwrite)
     start = time.perf_counter()
     dicts = load_dictionaries(dict_dir)
     from transformers import AutoTokenizer
@@ -473,10 +471,7 @@ def find_circuit(dict_dir: str | Path, behaviour: str | Path = "brackets", *, da
         "setup_seconds": setup, "methods": results, "seconds": time.perf_counter() - start,
     }
     if output is not None:
-        with new_folder(output, overwrite) as tmp:
-            (tmp / "circuit.json").write_text(json.dumps(report, indent=1, allow_nan=False))
-            (tmp / "circuit.md").write_text(summary(report))
-            plot(report, tmp / "circuit.png")
+        write_results(output, overwrite, "circuit", report, summary(report), plot)
     return report
 
 

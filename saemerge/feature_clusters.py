@@ -13,7 +13,6 @@ clusters are listed with a few members' top-activating snippets.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,7 @@ from sklearn.metrics import adjusted_rand_score
 from .dictionaries import Dictionaries
 from .errors import UserError
 from .feature_sample import TOKENS, encode, sample_activations, site_index, top_snippets
-from .files import new_folder
+from .files import refuse_existing, write_results
 
 PER_CLUSTER = 16  # default number of clusters: live features / 16
 MIN_FIRES = 3
@@ -67,8 +66,7 @@ def feature_clusters(dicts: Dictionaries, site: int | str = -1, clusters: int | 
     for arg, value in (("--top", top), ("--members", members)):
         if not isinstance(value, int) or value < 1:
             raise UserError(f"{arg}: {value}; expected a positive whole number")
-    if output is not None and Path(output).exists() and not overwrite:
-        raise UserError(f"--output: '{output}' exists; expected a new folder (or pass --overwrite)")
+    refuse_existing(output, overwrite)
     s = site_index(dicts, site)
     sample = sample_activations(dicts, [s], tokens, data, progress)
     codes = encode(dicts.saes[s], sample.acts[s])
@@ -104,10 +102,7 @@ def feature_clusters(dicts: Dictionaries, site: int | str = -1, clusters: int | 
               "sizes": {k: sorted(np.bincount(v, minlength=n).tolist(), reverse=True) for k, v in labels.items()},
               "labels": {k: {int(live[i]): int(c) for i, c in enumerate(v)} for k, v in labels.items()}}
     if output is not None:
-        with new_folder(Path(output), overwrite) as tmp:
-            (tmp / "clusters.json").write_text(json.dumps(report, indent=2))
-            (tmp / "clusters.md").write_text(summary(report))
-            plot(report, tmp / "clusters.png")
+        write_results(output, overwrite, "clusters", report, summary(report), plot)
     return report
 
 

@@ -26,7 +26,6 @@ name is the MLP's input norm, not a write: name such sites with `attention` / `m
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from .analyze import compare_saes
 from .dictionaries import Dictionaries
 from .errors import UserError
 from .feature_sample import TOKENS, fire_counts, live_part, sample_activations
-from .files import new_folder
+from .files import refuse_existing, write_results
 
 THRESHOLD = 0.7
 KINDS = {"attention": ("attn", "attention"), "mlp": ("mlp", "feedforward", "feed_forward", "ffn")}
@@ -91,8 +90,7 @@ def feature_evolution(dicts: Dictionaries, threshold: float = THRESHOLD, attenti
     `output`, write evolution.json, evolution.md and evolution.png into that new folder."""
     if not 0 < threshold < 1:
         raise UserError(f"--threshold: {threshold}; expected a cosine between 0 and 1")
-    if output is not None and Path(output).exists() and not overwrite:
-        raise UserError(f"--output: '{output}' exists; expected a new folder (or pass --overwrite)")
+    refuse_existing(output, overwrite)
     residual = residual_sites(dicts.paths)
     if len(residual) < 2:
         raise UserError(f"DIR: '{dicts.folder}' has {len(residual)} residual sites (block outputs) in {dicts.paths}; "
@@ -177,10 +175,7 @@ def feature_evolution(dicts: Dictionaries, threshold: float = THRESHOLD, attenti
                             "first_site": {dicts.paths[r]: int(c) for r, c in zip(residual, first)},
                             "mean_chain_length": float((len(residual) - born[-1]).mean())}}
     if output is not None:
-        with new_folder(Path(output), overwrite) as tmp:
-            (tmp / "evolution.json").write_text(json.dumps(report, indent=2))
-            (tmp / "evolution.md").write_text(summary(report))
-            plot(report, tmp / "evolution.png")
+        write_results(output, overwrite, "evolution", report, summary(report), plot)
     return report
 
 

@@ -18,7 +18,6 @@ SAE error is kept, so the sites in between run exactly as without one.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from .dictionaries import Dictionaries
 from .errors import UserError
 from .feature_intervention import code_gradient, run_features
 from .feature_sample import Sample, load, site_index, snippet
-from .files import new_folder
+from .files import refuse_existing, write_results
 
 # Tokens per forward, copies of the batch included. Copies (several features per forward) halve the time on the
 # tiny test models, where a forward's fixed cost dominates; on the zoo GPT-2 the cost is per token whichever way
@@ -66,8 +65,7 @@ def feature_links(folder: str | Path, upstream: int | str, downstream: int | str
     _check_features(upstream_features, dicts.saes[u].cfg.d_sae, "upstream_features")
     _check_features(downstream_features, dicts.saes[d].cfg.d_sae, "downstream_features")
     output = Path(output) if output is not None else None
-    if output is not None and output.exists() and not overwrite:
-        raise UserError(f"--output: '{output}' exists; expected a new folder (or pass --overwrite)")
+    refuse_existing(output, overwrite)
     for sae in dicts.saes:
         sae.requires_grad_(False)  # gradients go to the sites' outputs only
 
@@ -111,10 +109,7 @@ def feature_links(folder: str | Path, upstream: int | str, downstream: int | str
         "downstream": {str(j): _snippets(z_d[..., down.index(j)], sample)
                        for j in sorted({e["downstream"] for e in drawn})}}
     if output is not None:
-        with new_folder(output, overwrite) as tmp:
-            (tmp / "links.json").write_text(json.dumps(report, indent=1))
-            (tmp / "links.md").write_text(summary(report))
-            plot_links(report, tmp / "links.png")
+        write_results(output, overwrite, "links", report, summary(report), plot_links)
     return report
 
 

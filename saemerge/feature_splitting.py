@@ -12,7 +12,6 @@ different seeds to see splitting alone.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ from .analyze import _scan, _unit_rows
 from .errors import UserError
 from .feature_evolution import THRESHOLD
 from .feature_sample import TOKENS, encode, fire_counts, live_part, load, sample_activations, top_snippets
-from .files import new_folder
+from .files import refuse_existing, write_results
 
 EXAMPLES = 3  # splits shown per site, with snippets
 
@@ -53,8 +52,7 @@ def feature_splitting(folders: list[str | Path], threshold: float = THRESHOLD, t
         raise UserError(f"FOLDERS: {len(folders)} given; expected two or more train-saes folders of growing size")
     if not 0 < threshold < 1:
         raise UserError(f"--threshold: {threshold}; expected a cosine between 0 and 1")
-    if output is not None and Path(output).exists() and not overwrite:
-        raise UserError(f"--output: '{output}' exists; expected a new folder (or pass --overwrite)")
+    refuse_existing(output, overwrite)
     dicts = sorted((load(f, "FOLDERS") for f in folders), key=lambda d: d.saes[0].cfg.d_sae)
     sizes = [d.saes[0].cfg.d_sae for d in dicts]
     if len(set(sizes)) < len(sizes):
@@ -87,11 +85,7 @@ def feature_splitting(folders: list[str | Path], threshold: float = THRESHOLD, t
         report["sites"][path] = {"live": [len(k) for k in live], "steps": steps,
                                  "examples": _examples(sample, x, saes, live, links, threshold) if sample else []}
     if output is not None:
-        with new_folder(Path(output), overwrite) as tmp:
-            (tmp / "split.json").write_text(json.dumps(report, indent=2))
-            (tmp / "trees.json").write_text(json.dumps(trees))
-            (tmp / "split.md").write_text(summary(report))
-            plot(report, tmp / "split.png")
+        write_results(output, overwrite, "split", report, summary(report), plot, trees=trees)
     return report
 
 

@@ -13,7 +13,6 @@ trainings never agree on more than this".
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ from .analyze import compare_saes
 from .errors import UserError
 from .feature_evolution import THRESHOLD
 from .feature_sample import TOKENS, fire_counts, live_part, load, sample_activations
-from .files import new_folder
+from .files import refuse_existing, write_results
 from .metrics import measure
 
 BATCH = 4096  # tokens per batch of metrics.measure
@@ -51,8 +50,7 @@ def feature_subsets(subset: str | Path, full: str | Path, control: str | Path | 
     With `output`, write subset.json, subset.md and subset.png into that new folder."""
     if not 0 < threshold < 1:
         raise UserError(f"--threshold: {threshold}; expected a cosine between 0 and 1")
-    if output is not None and Path(output).exists() and not overwrite:
-        raise UserError(f"--output: '{output}' exists; expected a new folder (or pass --overwrite)")
+    refuse_existing(output, overwrite)
     folders = {"subset": load(subset, "SUBSET"), "full": load(full, "FULL")}
     if control is not None:
         folders["control"] = load(control, "--control")
@@ -79,10 +77,7 @@ def feature_subsets(subset: str | Path, full: str | Path, control: str | Path | 
             site["control_vs_full"] = twins(live["control"], live["full"], threshold)
         report["sites"][path] = site
     if output is not None:
-        with new_folder(Path(output), overwrite) as tmp:
-            (tmp / "subset.json").write_text(json.dumps(report, indent=2))
-            (tmp / "subset.md").write_text(summary(report))
-            plot(report, tmp / "subset.png")
+        write_results(output, overwrite, "subset", report, summary(report), plot)
     return report
 
 

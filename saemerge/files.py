@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import json
 import errno
 import os
 import shutil
@@ -10,7 +11,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import RecipeError
+from .errors import RecipeError, UserError
 
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2  # flags of Linux's renameat2
 
@@ -81,6 +82,23 @@ def new_folder(output: Path, overwrite: bool):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def refuse_existing(output: str | Path | None, overwrite: bool) -> None:
+    """One line, before any work is done, if `output` exists and may not be replaced."""
+    if output is not None and Path(output).exists() and not overwrite:
+        raise UserError(f"--output: '{output}' exists; expected a new folder (or pass --overwrite)")
+
+
+def write_results(output: str | Path, overwrite: bool, name: str, report: dict, markdown: str, plot,
+                  **more_json) -> None:
+    """An analysis's folder, atomically: name.json (the report), name.md, name.png (`plot(report, path)`) and
+    every `more_json` as its own file."""
+    with new_folder(Path(output), overwrite) as tmp:
+        for stem, content in {name: report, **more_json}.items():
+            (tmp / f"{stem}.json").write_text(json.dumps(content, indent=1))
+        (tmp / f"{name}.md").write_text(markdown)
+        plot(report, tmp / f"{name}.png")
 
 
 def inside(root: Path, *parts: str) -> Path:

@@ -37,7 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import UserError
-from .files import new_folder
+from .files import new_folder, refuse_existing
 from .hooks import ResidualHook, find_blocks, run_to_layers
 
 TRAIN_TOKENS, HELDOUT_TOKENS = 50_000, 20_000
@@ -322,8 +322,7 @@ def stitch_scan(model_a, model_b, layers_a=None, layers_b=None, batches=None, *,
     [len(layers_b)] per fit), "pairs" (per pair: all numbers, and the maps as nn.Linear under "maps")."""
     start = time.perf_counter()
     output = None if output is None else Path(output)
-    if output is not None and output.exists() and not overwrite:
-        raise UserError(f"--output: '{output}' exists; expected a new folder (or pass --overwrite)")
+    refuse_existing(output, overwrite)
     for arg, value, ok, expected in [("--steps", steps, steps >= 0, "0 or more"),
                                      ("--batch-rows", batch_rows, batch_rows >= 1, "1 or more"),
                                      ("--lr", lr, lr > 0, "a positive number"), ("ridge", ridge, ridge >= 0, ">= 0")]:
