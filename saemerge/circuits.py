@@ -48,6 +48,15 @@ def faithfulness(m: float, m_full: float, m_empty: float) -> float | None:
     return (m - m_empty) / (m_full - m_empty) if m_full != m_empty else None
 
 
+def metric_with_hooks(model: nn.Module, batches: list[PromptBatch], handles: list) -> float:
+    """The behaviour's metric with the ablation hooks `handles` in place; they are removed whatever happens."""
+    try:
+        return metric(model, batches)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def real_positions(batch: PromptBatch) -> torch.Tensor:
     """[batch, seq] 1 on real tokens after position 0: where ablation acts and attribution is summed."""
     keep = batch.mask.clone()
@@ -96,13 +105,8 @@ class FeatureAblation:
             if (sites is None or site in sites) and not kept.all():
                 module = self.model.get_submodule(self.dicts.paths[site])
                 handles.append(module.register_forward_hook(hook(site, (~kept).float())))
-        try:
-            value = metric(self.model, self.batches)
-        finally:
-            for handle in handles:
-                handle.remove()
         self.forwards += 1
-        return value
+        return metric_with_hooks(self.model, self.batches, handles)
 
     def attribution(self, keep: torch.Tensor | None = None, steps: int = 1) -> torch.Tensor:
         """Every node's grad . (code - mean), summed over positions > 0 and averaged over prompts, with `keep` in
@@ -304,13 +308,8 @@ class ComponentAblation:
                 handles.append(p.register_forward_pre_hook(heads(i)))
             if not keep[i, self.heads]:
                 handles.append(m.register_forward_hook(mlp(i)))
-        try:
-            value = metric(self.model, self.batches)
-        finally:
-            for h in handles:
-                h.remove()
         self.forwards += 1
-        return value
+        return metric_with_hooks(self.model, self.batches, handles)
 
 
 def component_search(model: nn.Module, search: list[PromptBatch], held: list[PromptBatch], tau: float,

@@ -25,6 +25,16 @@ def _allow_pickle_arg(p: argparse.ArgumentParser) -> None:
                         "can run code: only for files you trust")
 
 
+def _output_args(p: argparse.ArgumentParser, output_help: str, metavar: str | None = None,
+                 resume_help: str | None = None) -> None:
+    """--output, --overwrite, --resume (for commands that checkpoint) and --quiet, as every writing command has them."""
+    p.add_argument("--output", metavar=metavar, help=output_help)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder once the new one is complete")
+    if resume_help:
+        p.add_argument("--resume", action="store_true", help=resume_help)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def cmd_validate(args) -> int:
     from .checks import output_bytes, size_text, validate
 
@@ -275,12 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="run a recipe: harvest, train the SAEs, build, save, evaluate, report",
                        description="Run a recipe end to end and write the merged model folder.")
     _recipe_args(p)
-    p.add_argument("--output", help="output folder (default: the recipe's `output`)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder once the new one is complete")
-    p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run from its checkpoint (same recipe; train.lr may change)")
+    _output_args(p, "output folder (default: the recipe's `output`)",
+                 resume_help="continue an interrupted run from its checkpoint (same recipe; train.lr may change)")
     p.add_argument("--no-eval", action="store_true", help="skip the recipe's lm-eval tasks")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     _allow_pickle_arg(p)
     p.set_defaults(run=cmd_merge)
 
@@ -293,10 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "training_log.jsonl, training_curves.png and a README table; `saemerge "
                                    "export-saes` converts them, `links`, `circuit` and `features` analyse them.")
     _recipe_args(p)
-    p.add_argument("--output", help="output folder (default: the recipe's `output`)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder once the new one is complete")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _output_args(p, "output folder (default: the recipe's `output`)",
+                 resume_help="continue an interrupted run from its checkpoint (same recipe; train.lr may change)")
     _allow_pickle_arg(p)
     p.set_defaults(run=cmd_train_saes)
 
@@ -309,17 +314,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    "card, then runs the recipe's eval tasks on it. Settings come from the "
                                    "folder's recipe.yaml `distill:` section (defaults if it has none) and --set.")
     p.add_argument("model", metavar="MERGED_DIR", help="folder written by `saemerge merge` (the teacher)")
-    p.add_argument("--output", help="folder for the student (default: distill.output, else MERGED_DIR-distilled)")
+    _output_args(p, "folder for the student (default: distill.output, else MERGED_DIR-distilled)",
+                 resume_help="continue an interrupted distillation from its checkpoint")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field, e.g. --set distill.tokens=200000 --set distill.student=prose "
                         "(repeatable)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder once the new one is complete")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted distillation from its checkpoint")
     p.add_argument("--no-eval", action="store_true", help="skip the recipe's lm-eval tasks")
     p.add_argument("--device", default="cpu", help="device of teacher and student (default: cpu)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="load the teacher in this dtype (default: auto, as saved); the student trains in float32")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     _allow_pickle_arg(p)
     p.set_defaults(run=cmd_distill)
 
@@ -450,9 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
                    help="load the models in this dtype (default: float32; the maps are float32)")
-    p.add_argument("--output", metavar="DIR", help="write stitch.json, stitch.md and stitch_heatmap.png into this new folder")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _output_args(p, "write stitch.json, stitch.md and stitch_heatmap.png into this new folder", "DIR")
     p.set_defaults(run=cmd_stitch)
 
     p = sub.add_parser("links", help="causal links between the features of two sites of train-saes dictionaries",
@@ -477,9 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-edges", type=int, default=30, metavar="N",
                    help="edges drawn and compared for the top-edge overlap (default: 30)")
     p.add_argument("--source", metavar="NAME", help="whose SAEs, in a folder of several sources (default: the first)")
-    p.add_argument("--output", metavar="DIR", help="new folder for the results (default: DICT_DIR/links-UP-DOWN)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _output_args(p, "new folder for the results (default: DICT_DIR/links-UP-DOWN)", "DIR")
     p.set_defaults(run=cmd_links)
 
     p = sub.add_parser("features", help="follow, cluster and compare the features of train-saes dictionaries",
@@ -533,11 +532,9 @@ def build_parser() -> argparse.ArgumentParser:
                             + " (default: 16384)")
         m.add_argument("--data", metavar="FILE", help='a JSON lines file with a "text" field (default: the '
                                                       "recipe's data; held-out text for held-out numbers)")
-        m.add_argument("--output", metavar="DIR", help="write JSON, markdown and PNG into this new folder" + (
+        _output_args(m, "write JSON, markdown and PNG into this new folder" + (
             f" (default: DIR/features-{name}{'-SITE' if name == 'clusters' else ''})"
-            if name in ("evolution", "clusters") else ""))
-        m.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
-        m.add_argument("--quiet", action="store_true", help="no progress bar")
+            if name in ("evolution", "clusters") else ""), "DIR")
         m.set_defaults(run=cmd_features)
 
     p = sub.add_parser("circuit", help="find a small circuit of features that keeps a behaviour (faithfulness "
@@ -573,10 +570,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refine", type=int, default=3, metavar="N",
                    help="rounds of attribution recomputed with the circuit in place (default: 3)")
     p.add_argument("--seed", type=int, default=0, help="prompt choice and search / held-out split (default: 0)")
-    p.add_argument("--output", metavar="DIR", help="write circuit.json, circuit.md and circuit.png into this new folder "
-                                                   "(default: DICT_DIR/circuit-BEHAVIOUR)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _output_args(p, "write circuit.json, circuit.md and circuit.png into this new folder "
+                    "(default: DICT_DIR/circuit-BEHAVIOUR)", "DIR")
     p.set_defaults(run=cmd_circuit)
     return parser
 

@@ -141,9 +141,16 @@ def _batches(ids: torch.Tensor, copies: int = 1):
         yield start, ids[start:start + step]
 
 
-def _copies(n_features: int, seq_len: int) -> int:
-    """Features handled per forward: as many batch copies as fit BATCH_TOKENS with one sequence per copy."""
-    return max(1, min(n_features, BATCH_TOKENS // seq_len))
+def _chunked(ids: torch.Tensor, n_features: int, desc: str, progress: bool):
+    """(slice of the sample, its rows, a chunk of feature positions) for every block of sequences and every chunk:
+    a chunk's features share one forward, as copies of the rows (as many as fit BATCH_TOKENS, one row each)."""
+    copies = max(1, min(n_features, BATCH_TOKENS // ids.shape[1]))
+    chunks = [list(range(i, min(i + copies, n_features))) for i in range(0, n_features, copies)]
+    with tqdm(total=len(chunks) * len(ids), desc=desc, unit="seq", disable=not progress) as bar:
+        for start, rows in _batches(ids, copies):
+            for chunk in chunks:
+                yield slice(start, start + len(rows)), rows, chunk
+                bar.update(len(rows))
 
 
 # --- the measurements ---------------------------------------------------------------------------------------
@@ -203,19 +210,12 @@ def _set_latents(latents: torch.Tensor, values: torch.Tensor):
 def ablation_effects(model, dicts: Dictionaries, u: int, d: int, up: list[int], down: list[int], ids: torch.Tensor,
                      ablated: torch.Tensor, z_d: torch.Tensor, progress: bool = True) -> torch.Tensor:
     """effect [N, M]: mean over tokens of z_D clean - z_D with upstream feature i set to `ablated`[..., i]."""
-    copies = _copies(len(up), ids.shape[1])
     effect = torch.zeros(len(up), len(down))
-    chunks = [list(range(i, min(i + copies, len(up)))) for i in range(0, len(up), copies)]
-    bar = tqdm(total=len(chunks) * len(ids), desc="links: ablation", unit="seq", disable=not progress)
-    for start, rows in _batches(ids, copies):
-        batch = slice(start, start + len(rows))
-        for chunk in chunks:
-            edit = _set_latents(torch.tensor([up[i] for i in chunk]), ablated[batch][..., chunk].permute(2, 0, 1))
-            codes = run_features(model, dicts, rows.repeat(len(chunk), 1), edit=edit, until=d, sites=[u, d]).codes
-            edited = codes[d][..., down].float().view(len(chunk), len(rows), *z_d.shape[1:])
-            effect[chunk] += (z_d[batch][:, 1:] - edited[:, :, 1:]).sum((1, 2))
-            bar.update(len(rows))
-    bar.close()
+    for batch, rows, chunk in _chunked(ids, len(up), "links: ablation", progress):
+        edit = _set_latents(torch.tensor([up[i] for i in chunk]), ablated[batch][..., chunk].permute(2, 0, 1))
+        codes = run_features(model, dicts, rows.repeat(len(chunk), 1), edit=edit, until=d, sites=[u, d]).codes
+        edited = codes[d][..., down].float().view(len(chunk), len(rows), *z_d.shape[1:])
+        effect[chunk] += (z_d[batch][:, 1:] - edited[:, :, 1:]).sum((1, 2))
     return effect / (ids.shape[0] * (ids.shape[1] - 1))
 
 
@@ -223,21 +223,15 @@ def attributions(model, dicts: Dictionaries, u: int, d: int, up: list[int], down
                  removed: torch.Tensor, progress: bool = True) -> torch.Tensor:
     """attr [N, M]: mean over tokens of dz_D[j]/dz_U[i] * `removed`[..., i] (what the ablation takes away),
     where dz_D[j] is the sum of downstream feature j over the sequence's tokens after position 0."""
-    copies = _copies(len(down), ids.shape[1])
     attr = torch.zeros(len(up), len(down))
-    chunks = [list(range(j, min(j + copies, len(down)))) for j in range(0, len(down), copies)]
-    bar = tqdm(total=len(chunks) * len(ids), desc="links: attribution", unit="seq", disable=not progress)
-    for start, rows in _batches(ids, copies):
-        batch = slice(start, start + len(rows))
-        for chunk in chunks:  # copy c backpropagates downstream feature chunk[c]
-            run = run_features(model, dicts, rows.repeat(len(chunk), 1), until=d, grad=True, sites=[u, d])
-            z = run.codes[d].view(len(chunk), len(rows), *run.codes[d].shape[1:])
-            z[torch.arange(len(chunk)), :, 1:, torch.tensor([down[j] for j in chunk])].sum().backward()
-            grad = code_gradient(dicts, u, run.deltas[u].grad)[..., up]  # [copies * rows, seq_len, N]
-            grad = grad.view(len(chunk), len(rows), *grad.shape[1:])
-            attr[:, chunk] += torch.einsum("crtn,rtn->nc", grad[:, :, 1:], removed[batch][:, 1:])
-            bar.update(len(rows))
-    bar.close()
+    for batch, rows, chunk in _chunked(ids, len(down), "links: attribution", progress):
+        # copy c of the rows backpropagates downstream feature chunk[c]
+        run = run_features(model, dicts, rows.repeat(len(chunk), 1), until=d, grad=True, sites=[u, d])
+        z = run.codes[d].view(len(chunk), len(rows), *run.codes[d].shape[1:])
+        z[torch.arange(len(chunk)), :, 1:, torch.tensor([down[j] for j in chunk])].sum().backward()
+        grad = code_gradient(dicts, u, run.deltas[u].grad)[..., up]  # [copies * rows, seq_len, N]
+        grad = grad.view(len(chunk), len(rows), *grad.shape[1:])
+        attr[:, chunk] += torch.einsum("crtn,rtn->nc", grad[:, :, 1:], removed[batch][:, 1:])
     return attr / (ids.shape[0] * (ids.shape[1] - 1))
 
 
