@@ -200,7 +200,7 @@ def _merged(folder: Path, data, n_tokens: int, n_latents: int, top: int, progres
             allow_pickle: bool) -> dict:
     """Everything the pages of a merged folder show, measured."""
     from .analyze import _merged_sites
-    from .checks import _tokenizers_match
+    from .retokenize import same_tokenizer
     from .data import token_batches
     from .pipeline import load_sources
     from .recipe import SAERecipe, load_recipe
@@ -218,7 +218,7 @@ def _merged(folder: Path, data, n_tokens: int, n_latents: int, top: int, progres
     start = time.perf_counter()
     sources = {n: model for n, model in load_sources(recipe, allow_pickle).items() if n in names}
     tokenizers = {m.name: load_tokenizer(m) for m in recipe.models if m.name in names}
-    shared = all(_tokenizers_match(tokenizers[names[0]], tokenizers[n]) for n in names)
+    shared = all(same_tokenizer(tokenizers[names[0]], tokenizers[n]) for n in names)
     batch = max(1, BATCH_TOKENS // spec.seq_len)
     n_sequences = max(1, math.ceil(n_tokens / spec.seq_len))
     if shared:

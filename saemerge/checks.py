@@ -22,6 +22,7 @@ from .files import inside
 from .hooks import resolve_layer
 from .pretrained import DTYPES
 from .recipe import LatentSpec, Recipe, SourceSpec
+from .retokenize import same_tokenizer, spelling_problem
 from .sources import build_skeleton, layer_width, load_tokenizer, one_line, resolve_device
 
 
@@ -170,12 +171,7 @@ def check_sources(recipe: Recipe, allow_pickle: bool = False) -> dict:
             tokenizers[spec.name] = load_tokenizer(spec)
         except Exception as e:
             errors.append(f"{where}.model: cannot load the tokenizer of '{spec.model}': {one_line(e)}")
-    names = list(tokenizers)
-    for name in names[1:]:
-        if not _tokenizers_match(tokenizers[names[0]], tokenizers[name]):
-            i = [s.name for s in recipe.models].index(name)
-            errors.append(f"models.{i}.model: tokenizer of '{name}' differs from that of '{names[0]}'; "
-                          "expected sources that share one tokenizer")
+    errors += check_tokenizers(recipe, tokenizers)
     if errors:
         raise RecipeError(errors)
     return paths
@@ -305,8 +301,21 @@ def check_sae_files(spec: SourceSpec, where: str, skeleton: PreTrainedModel, pat
     return errors
 
 
-def _tokenizers_match(a, b) -> bool:
-    probe = "Hello, world!\n    def f(x):\n        return x ** 2  # ünïcödé 123"
-    return a.get_vocab() == b.get_vocab() and a(probe)["input_ids"] == b(probe)["input_ids"]
+def check_tokenizers(recipe: Recipe, tokenizers: dict) -> list[str]:
+    """Sources may read with tokenizers of their own (retokenize.py) if every tokenizer involved spells its text
+    back in bytes, and only where no two heads' distributions are mixed (`heads: target`)."""
+    names = [s.name for s in recipe.models]
+    merging = isinstance(recipe, Recipe)
+    reference = recipe.merge.target if merging and recipe.merge.target in tokenizers else next(iter(tokenizers), None)
+    others = [n for n in tokenizers if not same_tokenizer(tokenizers[reference], tokenizers[n])]
+    if not others:
+        return []
+    errors = [f"models.{names.index(n)}.model: the tokenizer of '{n}' cannot be aligned with another one: {problem}; "
+              "expected a byte-level BPE or SentencePiece tokenizer whose tokens spell the text"
+              for n in [reference, *others] if (problem := spelling_problem(tokenizers[n]))]
+    if merging and recipe.merge.heads != "target":
+        errors.append(f"merge.heads: '{recipe.merge.heads}' mixes the sources' next-token distributions, which needs "
+                      f"one tokenizer, and '{others[0]}' reads with another than '{reference}'; expected heads: target")
+    return errors
 
 

@@ -37,12 +37,17 @@ def _output_args(p: argparse.ArgumentParser, output_help: str, metavar: str | No
 
 def cmd_validate(args) -> int:
     from .checks import output_bytes, size_text, validate
+    from .retokenize import same_tokenizer
+    from .sources import load_tokenizer
 
     recipe = load_recipe(args.recipe, args.overrides)
     paths = validate(recipe, overwrite=True, allow_pickle=args.allow_pickle)
     print(f"{args.recipe}: ok")
+    target = recipe.merge.target
     for spec in recipe.models:
-        print(f"  {spec.name}: {spec.model}  layer {spec.layer!r} -> {', '.join(paths[spec.name])}")
+        own = not same_tokenizer(load_tokenizer(recipe.source(target)), load_tokenizer(spec))
+        print(f"  {spec.name}: {spec.model}  layer {spec.layer!r} -> {', '.join(paths[spec.name])}"
+              + (f"  (own tokenizer: reads {target}'s text in its tokens)" if own else ""))
     print(f"  will write about {size_text(output_bytes(recipe, paths))} to {recipe.output}")
     return 0
 

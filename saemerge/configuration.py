@@ -13,7 +13,8 @@ class SAEMergedConfig(PretrainedConfig):
                  combine: str = "mean", scale: float = 1.0, heads: str = "target", gates: list[str] | None = None,
                  latent: dict | None = None, storage: str = "self-contained", bridge: str = "sae", **kwargs):
         # sources: [{"name", "config": the source's config dict, "layers": module paths, "d_model",
-        #            "reference": load_pretrained_source's arguments (model id or path, revision, ...)}]
+        #            "reference": load_pretrained_source's arguments (model id or path, revision, ...),
+        #            "own_tokenizer": true if it reads with another tokenizer than the target's (retokenize.py)}]
         self.sources = sources or []
         self.target = target
         self.inject = inject if inject is not None else [s["name"] for s in self.sources if s["name"] != target]
@@ -45,6 +46,11 @@ class SAEMergedConfig(PretrainedConfig):
     @property
     def names(self) -> list[str]:
         return [s["name"] for s in self.sources]
+
+    @property
+    def own_tokenizers(self) -> list[str]:
+        """The sources that read the text with a tokenizer other than the target's."""
+        return [s["name"] for s in self.sources if s.get("own_tokenizer")]
 
     @property
     def n_sites(self) -> int:

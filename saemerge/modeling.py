@@ -6,6 +6,8 @@ then runs each receiver whole with what the bridge returns added (times `scale`)
   mean:   every source receives from all the others; the heads' next-token distributions are averaged;
   router: the same, mixed per token by a learned router over the sources' residuals.
 scale = 0 gives the target alone (target), the logit ensemble (mean) or a routed ensemble (router).
+A sender may read with a tokenizer of its own (heads: target only): it reads the text of the target's tokens so
+far, never more, in its own tokens (retokenize.py), and what it holds after reading up to token t reaches t.
 Config: configuration.py; KV cache: cache.py; saving and loading: pretrained.py.
 """
 
@@ -24,6 +26,7 @@ from .cache import OUTPUT_CACHE, MergedCache, cache_argument, given_cache
 from .configuration import SAEMergedConfig
 from .hooks import ResidualHook, run_to_layers
 from .pretrained import MergedModelFiles
+from .retokenize import Retokenizer, read_prefixes
 from .cross_attention_bridge import CrossAttentionBridge
 from .linear_bridge import LinearBridge
 from .sae import SparseAutoencoder
@@ -95,6 +98,10 @@ class SAEMergedForCausalLM(MergedModelFiles, PreTrainedModel, GenerationMixin):
         if self.router is not None:  # uniform until calibrated
             nn.init.zeros_(self.router.weight)
             nn.init.zeros_(self.router.bias)
+        if config.own_tokenizers and config.heads != "target":
+            raise ValueError(f"heads '{config.heads}' mixes next-token distributions, which needs one tokenizer, and "
+                             f"{config.own_tokenizers} read with their own; expected heads 'target'")
+        self.retokenizers: dict[str, Retokenizer] = {}  # set_tokenizers(); from_pretrained loads them
         self.sources = nn.ModuleDict(sources)
         self.layers = {s["name"]: s["layers"] for s in config.sources}
         self.cache_arguments = {name: cache_argument(source) for name, source in sources.items()}
@@ -135,17 +142,39 @@ class SAEMergedForCausalLM(MergedModelFiles, PreTrainedModel, GenerationMixin):
         own = all_but_embeddings(self.target) if receiver else []
         return self.bridge.calibration_parameters(saes) + (list(self.router.parameters()) if self.router else []) + own
 
+    def set_tokenizers(self, tokenizers: dict) -> None:
+        """Give the model the tokenizers it reads with ({source: tokenizer}, the target's among them), which it needs
+        when a source reads with a tokenizer of its own."""
+        target = tokenizers[self.config.target]
+        self.retokenizers = {n: Retokenizer(target, tokenizers[n]) for n in self.config.own_tokenizers}
+
     def new_cache(self) -> MergedCache:
-        """An empty KV cache: one DynamicCache for each source run this wiring makes, and the bridge's own layers."""
+        """An empty KV cache: one DynamicCache for each source run this wiring makes, the bridge's own layers, and the
+        target's tokens so far if a sender reads them with a tokenizer of its own."""
         caches = {f"{role}:{name}": DynamicCache(config=self.sources[name].config.get_text_config(decoder=True))
                   for role, name in runs(self.config)}
+        if self._reads_text():
+            caches["ids"] = Cache(layers=[DynamicLayer()])  # kept as a [batch, 1, tokens, 1] "key"
         if self.bridge.cache_layers():
             caches["bridge"] = Cache(layers=[DynamicLayer() for _ in range(self.bridge.cache_layers())])
         return MergedCache(caches)
 
-    def _receive(self, name: str, input_ids, run, sent: list[dict], residuals: list[dict], step: Step):
-        """A full forward of source `name`, receiving what the bridge carries at its layers (if anything).
-        Returns its logits and its residual at the last site (the router's input)."""
+    def _reads_text(self) -> bool:
+        return any(n in self.config.own_tokenizers for n in send_runs(self.config))
+
+    def _read(self, name: str, text: tuple, new: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Sender `name`'s residuals at its layers for the last `new` of the target's tokens `text` = (ids so far,
+        attention mask), read in its own tokenizer, and where it has read anything."""
+        if name not in self.retokenizers:
+            raise ValueError(f"source '{name}' reads with a tokenizer of its own: load the model with from_pretrained "
+                             "(which loads its tokenizers) or call set_tokenizers() first")
+        return read_prefixes(self.sources[name], self.layers[name], self.retokenizers[name], *text, new)
+
+    def _receive(self, name: str, input_ids, run, sent: list[dict], residuals: list[dict], step: Step,
+                 keep: torch.Tensor | None = None):
+        """A full forward of source `name`, receiving what the bridge carries at its layers (if anything), only
+        where `keep` ([batch, tokens, 1]) is 1 if given. Returns its logits and its residual at the last site (the
+        router's input)."""
         model = self.sources[name]
         if self.config.scale == 0 or not senders_to(self.config, name):
             with ResidualHook(model, self.layers[name][-1], "capture") as hook:
@@ -154,18 +183,27 @@ class SAEMergedForCausalLM(MergedModelFiles, PreTrainedModel, GenerationMixin):
             for site, layer in enumerate(self.layers[name]):
                 delta = lambda h, site=site: self.config.scale * self.bridge.receive(name, site, h, sent[site],
                                                                                     residuals[site], step)
+                if keep is not None:
+                    delta = lambda h, inner=delta: inner(h) * keep.to(h)
                 hooks.enter_context(ResidualHook(model, layer, "inject", vector=delta))
             return model(input_ids=input_ids, **run("receive", name)).logits, residuals[-1].get(name)
 
-    def _logits(self, input_ids: torch.LongTensor, run, step: Step) -> torch.Tensor:
-        """The merged next-token logits; `run(role, name)` gives the keyword arguments of one source's run."""
+    def _logits(self, input_ids: torch.LongTensor, run, step: Step, text: tuple | None = None) -> torch.Tensor:
+        """The merged next-token logits; `run(role, name)` gives the keyword arguments of one source's run, `text`
+        the target's tokens so far and their attention mask (for senders that read with their own tokenizer)."""
         cfg = self.config
-        senders = send_runs(cfg)
-        by_source = {n: run_to_layers(self.sources[n], self.layers[n], input_ids, **run("send", n)) for n in senders}
+        senders, by_source, keep = send_runs(cfg), {}, None
+        for n in senders:
+            if n in cfg.own_tokenizers:
+                by_source[n], read = self._read(n, text, input_ids.shape[-1])
+                keep = read if keep is None else keep & read
+            else:
+                by_source[n] = run_to_layers(self.sources[n], self.layers[n], input_ids, **run("send", n))
         residuals = [{n: by_source[n][site] for n in senders} for site in range(cfg.n_sites)]
         sent = [self.bridge.send(site, at_site, step) for site, at_site in enumerate(residuals)]
         if cfg.heads == "target":
-            return self._receive(cfg.target, input_ids, run, sent, residuals, step)[0]
+            keep = keep[..., None].to(input_ids.device) if keep is not None else None
+            return self._receive(cfg.target, input_ids, run, sent, residuals, step, keep)[0]
         outputs = {n: self._receive(n, input_ids, run, sent, residuals, step) for n in cfg.names}
         if cfg.heads == "router":
             last = {n: outputs[n][1] for n in cfg.names}
@@ -187,6 +225,14 @@ class SAEMergedForCausalLM(MergedModelFiles, PreTrainedModel, GenerationMixin):
         if cache is None and use_cache:
             cache = self.new_cache()
 
+        text = None
+        if self._reads_text():  # the target's tokens so far, which such a sender reads again in its own
+            text = (input_ids, attention_mask)
+            if cache is not None:
+                history = cache.caches["ids"].layers[0]
+                history.update(input_ids[:, None, :, None], input_ids[:, None, :, None])
+                text = (history.keys[:, 0, :, 0], attention_mask)
+
         def run(role: str, name: str) -> dict:
             """Arguments of one source's run; `role` (send/receive) picks its cache."""
             kwargs = {"attention_mask": attention_mask, "position_ids": position_ids, "use_cache": cache is not None}
@@ -197,7 +243,7 @@ class SAEMergedForCausalLM(MergedModelFiles, PreTrainedModel, GenerationMixin):
         with onloaded([*self.bridge.modules().values(), self.router]):
             step = Step(attention_mask, cache.caches["bridge"].layers if cache is not None and "bridge" in cache.caches
                         else [])
-            logits = self._logits(input_ids, run, step)
+            logits = self._logits(input_ids, run, step, text)
         loss = None
         if labels is not None:
             loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),

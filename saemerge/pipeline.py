@@ -119,7 +119,7 @@ def merge(recipe: Recipe, output: str | Path | None = None, overwrite: bool = Fa
     timings = {}
     with timed(timings, "load"):
         paths = validate(recipe, output, overwrite, resume, allow_pickle=allow_pickle)
-        tokenizer = load_tokenizer(recipe.models[0])
+        tokenizer = load_tokenizer(recipe.source(recipe.merge.target))  # what the merged model reads and writes
         sources = load_sources(recipe, allow_pickle)
 
     checkpoint = checkpoint_folder(output)

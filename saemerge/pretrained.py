@@ -83,6 +83,9 @@ class MergedModelFiles:
         super().save_pretrained(save_directory, *args, **kwargs)
         for name, text in self.merge_files.items():
             (Path(save_directory) / name).write_text(text)
+        for name, retokenizer in self.retokenizers.items():  # the tokenizers a source with its own one needs
+            retokenizer.other.save_pretrained(Path(save_directory) / "tokenizers" / name)
+            retokenizer.reference.tokenizer.save_pretrained(Path(save_directory) / "tokenizers" / self.config.target)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
@@ -98,6 +101,12 @@ class MergedModelFiles:
         for name in MERGE_FILES:
             if path := optional_file(pretrained_model_name_or_path, name, **hub):
                 model.merge_files[name] = Path(path).read_text()
+        if config.own_tokenizers:
+            from transformers import AutoTokenizer
+
+            model.set_tokenizers({n: AutoTokenizer.from_pretrained(pretrained_model_name_or_path, subfolder=f"tokenizers/{n}",
+                                                                   **hub)
+                                  for n in [config.target, *config.own_tokenizers]})
         return model
 
     @classmethod

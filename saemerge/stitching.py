@@ -72,10 +72,10 @@ def _tokenizer(model):
 def _check_tokenizers(a, b):
     """B's tokenizer (else A's), after checking that both give the same ids. Models built in memory, without a
     folder to read a tokenizer from, are taken as they are."""
-    from .checks import _tokenizers_match
+    from .retokenize import same_tokenizer
 
     tok_a, tok_b = _tokenizer(a), _tokenizer(b)
-    if tok_a is not None and tok_b is not None and not _tokenizers_match(tok_a, tok_b):
+    if tok_a is not None and tok_b is not None and not same_tokenizer(tok_a, tok_b):
         name = lambda m: str(m) if isinstance(m, (str, Path)) else _name(m)
         raise UserError(f"MODEL_B: the tokenizer of '{name(b)}' differs from that of '{name(a)}'; expected two "
                         "models that share one tokenizer (the same ids for the same text)")

@@ -32,5 +32,7 @@ def send_runs(config: SAEMergedConfig) -> list[str]:
 
 
 def runs(config: SAEMergedConfig) -> list[tuple[str, str]]:
-    """(role, source) of every source run of one forward: the send runs, then the receiving runs."""
-    return [("send", n) for n in send_runs(config)] + [("receive", n) for n in receivers(config)]
+    """(role, source) of every source run of one forward that keeps a KV cache: the send runs, then the receiving
+    runs. A sender with a tokenizer of its own keeps none: it reads each prefix afresh (retokenize.py)."""
+    return [("send", n) for n in send_runs(config) if n not in config.own_tokenizers] + \
+        [("receive", n) for n in receivers(config)]

@@ -51,7 +51,7 @@ def test_schema_errors_name_the_field(zoo, tmp_path, write_recipe, capsys, mutat
 
 
 def test_source_errors_are_all_reported(zoo, tmp_path, write_recipe, capsys):
-    raw = recipe_dict(zoo["gpt2"], zoo["gpt2_other_tok"], tmp_path / "out")
+    raw = recipe_dict(zoo["gpt2"], zoo["gpt2_other_tok"], tmp_path / "out", merge__heads="mean")
     raw["models"].append({"name": "c", "model": str(tmp_path / "missing"), "layer": 0})
     raw["models"].append({"name": "d", "model": str(zoo["llama"]), "layer": "model.nope"})
     raw["data"]["datasets"][0]["text_column"] = "body"
@@ -59,7 +59,8 @@ def test_source_errors_are_all_reported(zoo, tmp_path, write_recipe, capsys):
     err = capsys.readouterr().err
     assert f"models.2.model: folder '{tmp_path / 'missing'}' does not exist" in err
     assert "models.3.layer: no module 'model.nope' in LlamaForCausalLM" in err
-    assert "models.1.model: tokenizer of 'b' differs from that of 'a'; expected sources that share one tokenizer" in err
+    assert ("merge.heads: 'mean' mixes the sources' next-token distributions, which needs one tokenizer, and 'a' "
+            "reads with another than 'b'; expected heads: target") in err
     assert "data.datasets.0.text_column: 'body' is not a column; expected one of ['source', 'text']" in err
     assert not (tmp_path / "out").exists()
 
