@@ -13,6 +13,8 @@ from saemerge.cli import main
 from saemerge.hooks import run_to_layers
 from saemerge.retokenize import Retokenizer, TokenBytes, read_prefixes, spelling_problem
 from conftest import CODE, PROSE, make_model, recipe_dict, texts, train_briefly
+from hub_server import hub_server  # noqa: F401  (the fixture local_hub needs)
+from test_hub import local_hub  # noqa: F401
 
 TEXT = "def größe(x):\n    return x ** 2  # ünïcödé, naïve café\n\nIn the beginning  God created the heaven."
 
@@ -152,6 +154,19 @@ def test_a_merge_across_tokenizers_saves_loads_generates_and_evaluates(cross_mer
     # The feature browser reads each source in its own tokens.
     assert main(["report", str(out), "--tokens", "256", "--latents", "4", "--quiet"]) == 0
     assert (out / "browser/index.html").is_file()
+
+
+def test_pushed_to_the_hub_with_its_tokenizers(cross_merge, sentencepiece, local_hub, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(cross_merge / "out")
+    model.push_to_hub("user/cross", token=local_hub.token)
+    sent = local_hub.repos["user/cross"]["files"]
+    assert {"tokenizers/a/tokenizer.json", "tokenizers/b/tokenizer.json", "retokenize.py"} <= set(sent)
+    for path, data in sent.items():
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_bytes(data)
+    ids = torch.tensor([sentencepiece(TEXT)["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path)(ids).logits, model(ids).logits)
 
 
 def test_no_future_text_reaches_a_token(cross_merge, sentencepiece):

@@ -18,6 +18,14 @@ Writes eval/results/composition.json and a plot.
 
 `--skill-model` runs the real-model case (copy_task.py: S a pretrained model whose skill is copying a number into a
 sentence, K trained on its tokenizer by `train_models.py K --skill-model`); README: the command and its settings.
+
+K and S across two tokenizers: K reads with the tokenizer saved beside it (RUNS/K), and when that is not S's (e.g.
+`--skill-model models/gemma-3-270m-hf` with the K of runs/copy-smollm2), everything S reads and writes (problems,
+answers, scores) stays in S's tokens while K reads the same text in its own through the library (the merged model's
+tokenizers; the SAEs' pairs at the positions where both tokenizations end at the same byte). K alone is scored in
+its own tokens on the same problems. The ensembles (heads mean / router) need one tokenizer and are skipped, saying
+so in the output. `--head-at-answers` makes training cheaper with a large vocabulary (Gemma's 262k tokens): S's
+head computes logits only where the loss is taken, the same loss and gradients.
 """
 
 from __future__ import annotations
@@ -28,10 +36,11 @@ import json
 import platform
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -42,8 +51,9 @@ from saemerge import merged_model  # noqa: E402
 from saemerge.calibrate import sae_regulariser, train_on_next_token_loss  # noqa: E402
 from saemerge.harvest import activation_batches  # noqa: E402
 from saemerge.hooks import resolve_layer  # noqa: E402
-from saemerge.modeling import all_but_embeddings  # noqa: E402
+from saemerge.modeling import SAEMergedForCausalLM, all_but_embeddings  # noqa: E402
 from saemerge.recipe import CalibrateSpec, LatentSpec, MergeSpec, TrainSpec  # noqa: E402
+from saemerge.retokenize import Retokenizer, adds_bos, same_tokenizer  # noqa: E402
 from saemerge.train import train_saes  # noqa: E402
 
 
@@ -51,6 +61,56 @@ from saemerge.train import train_saes  # noqa: E402
 def slug(row: str) -> str:
     return row.split(" (")[0].replace("bridge ", "").replace(", trained end to end", "-end-to-end").replace(
         ", receiver trained too", "-receiver").replace(" ", "-")
+
+
+class Skipped(Exception):
+    """A row these sources cannot run (why: the message, printed and written beside the rows)."""
+
+
+def reads_bos_first(tokenizer):
+    """`tokenizer`, told to start a sequence with its BOS if it does not by itself. The benchmark's K was trained
+    with <bos> first (data.encode, text_batches), and the library gives a sender that reads with its own tokenizer a
+    BOS only if that tokenizer adds one (retokenize.adds_bos; SmolLM2's does not). Without it, K alone answers 9.5%
+    of held-out copy problems instead of 15.0%."""
+    if tokenizer.bos_token_id is not None and not adds_bos(tokenizer):
+        tokenizer.add_bos_token = True
+        if not adds_bos(tokenizer):
+            raise ValueError(f"cannot make {tokenizer.name_or_path}'s tokenizer start a sequence with its BOS")
+    return tokenizer
+
+
+class AnswerHead(torch.nn.Module):
+    """A causal LM's output head computing logits only at the positions `where` (zeros elsewhere): training takes
+    its loss at the answers only (data.row), and a 262k-token head (Gemma's) over every position costs more than
+    the rest of the merge. The loss and its gradients are the same as with the whole head."""
+
+    def __init__(self, head: torch.nn.Linear):
+        super().__init__()
+        self.head, self.where = head, None
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        out = h.new_zeros(*h.shape[:-1], self.head.out_features)
+        out[self.where] = self.head(h[self.where])
+        return out
+
+
+@contextmanager
+def head_at_answers(model, data):
+    """`data` ((ids, labels) batches) with the head of `model` (a merged model's target, or a causal LM) computing
+    logits only where the loss is taken: position t where labels[t + 1] is set. The head is restored after."""
+    lm = model.target if isinstance(model, SAEMergedForCausalLM) else model
+    head = AnswerHead(lm.get_output_embeddings())
+
+    def marked():
+        for ids, labels in data:
+            head.where = torch.zeros_like(labels, dtype=torch.bool)
+            head.where[:, :-1] = labels[:, 1:] != -100
+            yield ids, labels
+    lm.set_output_embeddings(head)
+    try:
+        yield marked()
+    finally:
+        lm.set_output_embeddings(head.head)
 
 
 def text_batches(task: Task, tokenizer, seed: int):
@@ -71,21 +131,35 @@ class Benchmark:
         self.task = make_task(args)
         self.tokenizer = self.task.tokenizer()
         self.models = {n: self.load(n) for n in ("K", "S")}
+        # K reads with the tokenizer it was trained on; if that is not S's, it reads S's text in its own.
+        self.k_tokenizer = self.tokenizer
+        if (args.runs / "K" / "tokenizer_config.json").exists():
+            own = AutoTokenizer.from_pretrained(args.runs / "K")
+            if not same_tokenizer(self.tokenizer, own):
+                self.k_tokenizer = reads_bos_first(own)
+        self.cross = self.k_tokenizer is not self.tokenizer
+        self.tokenizers = {"K": self.k_tokenizer, "S": self.tokenizer} if self.cross else None
+        self.retokenizers = {"K": Retokenizer(self.tokenizer, self.k_tokenizer)} if self.cross else None
+        self.skipped: dict[str, str] = {}  # row -> why it was not run
         self.layers = {n: [resolve_layer(self.models[n], s) for s in sites]  # block numbers or module names
                        for n, sites in (("K", args.k_layers), ("S", args.s_layers))}
         n = args.eval_examples
         # --choose scores the valid keys only (settings are chosen there); the test keys are scored once, at the end.
         self.sets = ({"valid": self.task.eval_set("valid", n)} if args.choose else
                      {"held-out": self.task.eval_set("test", n), "seen": self.task.eval_set("train", n)})
-        # 64 problems over held-out keys, of the commonest length: the generation speed batch.
-        prompts = [encode(e, self.tokenizer)[0] for e in self.task.eval_set("test", 512)]
-        length = max({len(p) for p in prompts}, key=[len(p) for p in prompts].count)
-        self.speed_batch = torch.tensor([p for p in prompts if len(p) == length][:64])
+        self.speed_batch = self.speed_prompts(self.tokenizer)
         self.rows: list[dict] = []
         self.batch_tokens = self.task.rows * self.task.seq_len
         if (args.append or args.speed_only) and args.output.exists():  # rows of an earlier run, those measured again replaced
-            self.rows = json.loads(args.output.read_text())["rows"]
+            earlier = json.loads(args.output.read_text())
+            self.rows, self.skipped = earlier["rows"], earlier.get("skipped", {})
         self._saes = None
+
+    def speed_prompts(self, tokenizer) -> torch.Tensor:
+        """64 problems over held-out keys, of the commonest length: the generation speed batch."""
+        prompts = [encode(e, tokenizer)[0] for e in self.task.eval_set("test", 512)]
+        length = max({len(p) for p in prompts}, key=[len(p) for p in prompts].count)
+        return torch.tensor([p for p in prompts if len(p) == length][:64])
 
     def load(self, name: str):
         folder = self.args.skill_model if name == "S" and self.args.skill_model else self.args.runs / name
@@ -95,11 +169,17 @@ class Benchmark:
         """Aligned TopK SAEs on K's and S's residuals at the sites, trained once on the sources' own texts."""
         if self._saes is None:
             latent = LatentSpec(size=self.args.latents, k=self.args.k)
-            train = TrainSpec(batch_tokens=self.batch_tokens, lr=1e-3, seed=self.args.seed)
+            # --sae-resample-every 0 for Gemma: restarting dead TopK latents made its SAE diverge (the Gemma recipes).
+            resample = {} if self.args.sae_resample_every is None else {"resample_every": self.args.sae_resample_every}
+            train = TrainSpec(batch_tokens=self.batch_tokens, lr=1e-3, seed=self.args.seed, **resample)
+            # Across tokenizers (retokenizers), K reads the same texts in its own tokens and only the positions where
+            # both tokenizations end at the same byte are paired.
             stream_ = lambda start: activation_batches(self.models, self.layers, text_batches(self.task, self.tokenizer,
                                                                                                self.args.seed), start,
-                                                       shuffle_batches=8, seed=self.args.seed)
-            held_back = activation_batches(self.models, self.layers, text_batches(self.task, self.tokenizer, 99))
+                                                       shuffle_batches=8, seed=self.args.seed,
+                                                       retokenizers=self.retokenizers)
+            held_back = activation_batches(self.models, self.layers, text_batches(self.task, self.tokenizer, 99),
+                                           retokenizers=self.retokenizers)
             start = time.time()
             saes, metrics = train_saes(stream_, latent, train, self.args.sae_steps,
                                        held_back=(next(held_back) for _ in range(4)), progress=not self.args.quiet)
@@ -109,39 +189,63 @@ class Benchmark:
         return self._saes[0]
 
     def merged(self, bridge: str = "sae", heads: str = "target", scale: float = 1.0, gates=()):
+        if self.cross and heads != "target":
+            raise Skipped(f"heads '{heads}' mixes K's and S's next-token distributions, which needs one tokenizer, and "
+                          "K reads with its own (the library takes only heads 'target' across tokenizers)")
         merge = MergeSpec(target="S", inject=["K"], bridge=bridge, heads=heads, scale=scale, gates=list(gates),
                           calibrate=CalibrateSpec())
-        return merged_model(dict(self.models), copy.deepcopy(self.saes()), self.layers, merge)
+        # Across tokenizers, the merged model reads S's tokens and K reads their text in its own.
+        return merged_model(dict(self.models), copy.deepcopy(self.saes()), self.layers, merge,
+                            tokenizers=self.tokenizers)
 
     def train(self, model, params, lr: float, regulariser=None, steps: int | None = None) -> dict:
         if self.args.speed_only:
             return {}
         start = time.time()
-        metrics = train_on_next_token_loss(model, params, batches(self.task, "composition", self.tokenizer, self.args.seed + 1),
-                                           steps or self.args.steps, lr, progress=not self.args.quiet, desc="training",
-                                           regulariser=regulariser)
+        data = batches(self.task, "composition", self.tokenizer, self.args.seed + 1)
+        if self.args.head_at_answers:
+            with head_at_answers(model, data) as data:
+                metrics = train_on_next_token_loss(model, params, data, steps or self.args.steps, lr,
+                                                   progress=not self.args.quiet, desc="training",
+                                                   regulariser=regulariser)
+            metrics["head"] = "at the answers only (--head-at-answers)"
+        else:
+            metrics = train_on_next_token_loss(model, params, data, steps or self.args.steps, lr,
+                                               progress=not self.args.quiet, desc="training", regulariser=regulariser)
         model.eval()
         return {**metrics, "seconds": round(time.time() - start), "lr": lr}
 
-    def row(self, name: str, kind: str, build) -> None:
+    def row(self, name: str, kind: str, build, tokenizer=None) -> None:
+        """Build, score and time one row; `tokenizer` is the one its model reads (default: S's, the task's)."""
         if self.args.rows and not any(r in name for r in self.args.rows):
             return
-        if self.args.speed_only:  # what a row costs does not depend on what it learned: time it untrained
-            row = next((r for r in self.rows if r["row"] == name), None)
-            if row is None:
+        tokenizer = tokenizer or self.tokenizer
+        speed_batch = self.speed_batch if tokenizer is self.tokenizer else self.speed_prompts(tokenizer)
+        try:
+            if self.args.speed_only:  # what a row costs does not depend on what it learned: time it untrained
+                row = next((r for r in self.rows if r["row"] == name), None)
+                if row is None:
+                    return
+                row["tokens_per_second"] = generation_speed(build()[0], speed_batch, repeats=self.args.speed_repeats)
+                print(name, round(row["tokens_per_second"]), flush=True)
                 return
-            row["tokens_per_second"] = generation_speed(build()[0], self.speed_batch, repeats=self.args.speed_repeats)
-            print(name, round(row["tokens_per_second"]), flush=True)
+            start = time.time()
+            model, trained, extra = build()
+        except Skipped as why:
+            print(f"skipped: {name}: {why}", flush=True)
+            self.skipped[name] = str(why)
+            self.rows = [r for r in self.rows if r["row"] != name]
             return
-        start = time.time()
-        model, trained, extra = build()
-        scores = {split: exact_match(model, self.tokenizer, examples) for split, examples in self.sets.items()}
+        scores = {split: exact_match(model, tokenizer, examples) for split, examples in self.sets.items()}
         row = {"row": name, "kind": kind, "trained_parameters": trained,
                "training_tokens": extra.get("training", {}).get("steps", 0) * self.batch_tokens, **extra,
                **{f"{split}": s["exact_match"] for split, s in scores.items()},
-               "tokens_per_second": generation_speed(model, self.speed_batch, repeats=self.args.speed_repeats),
+               "tokens_per_second": generation_speed(model, speed_batch, repeats=self.args.speed_repeats),
                "seconds": round(time.time() - start)}
+        if self.cross:  # which tokens its problems, answers and speed are counted in
+            row["tokenizer"] = "K" if tokenizer is self.k_tokenizer else "S"
         self.rows = [r for r in self.rows if r["row"] != name] + [row]
+        self.skipped.pop(name, None)
         print(json.dumps(row), flush=True)
         if kind == "bridge" and self.args.save:  # a merged model folder like any other (explain_sae.py reads it)
             folder = self.args.runs / "merges" / slug(name)
@@ -151,7 +255,8 @@ class Benchmark:
     def run(self):
         a = self.args
         count = lambda params: sum(p.numel() for p in params)
-        self.row("K alone (knows the keys)", "source", lambda: (self.models["K"], 0, {}))
+        # In K's own tokens: across tokenizers, the same problems as K reads them.
+        self.row("K alone (knows the keys)", "source", lambda: (self.models["K"], 0, {}), self.k_tokenizer)
         self.row(f"S alone ({self.task.s_does})", "source", lambda: (self.models["S"], 0, {}))
         self.row("logit ensemble (heads mean, scale 0)", "ensemble", lambda: (self.merged(heads="mean", scale=0), 0, {}))
 
@@ -215,6 +320,9 @@ class Benchmark:
                   "saes": self._saes[1] if self._saes else None, "rows": self.rows,
                   "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                               "torch": torch.__version__}, "seconds": round(seconds)}
+        if self.cross:  # the tokenizer each source reads with; the rows these sources cannot run, and why
+            result["task"]["tokenizers"] = {n: t.name_or_path for n, t in self.tokenizers.items()}
+            result["skipped"] = self.skipped
         if self.args.speed_only:  # only the speeds are new (the SAEs trained for it were throwaway)
             result = {**json.loads(self.args.output.read_text()), "rows": self.rows,
                       "speed": {"measured": "--speed-only", "threads": torch.get_num_threads()}}
@@ -249,6 +357,12 @@ def markdown(result: dict) -> str:
         speed = f"{r['tokens_per_second']:.0f}" + (f" ({r['tokens_per_second'] / s_speed:.2f}x)" if s_speed else "")
         lines.append(f"| {r['row']} | " + " | ".join(f"{r[s]:.1%}" for s in splits)
                      + f" | {r['trained_parameters']:,} | {r['training_tokens']:,} | {speed} |")
+    if "tokenizers" in result["task"]:
+        lines.append("\nK reads with its own tokenizer (" + ", ".join(f"{n}: {t}" for n, t in
+                                                                     result["task"]["tokenizers"].items())
+                     + "); every row reads S's but K alone, scored in K's tokens on the same problems "
+                     "(its tokens/s are K's tokens).")
+    lines += [f"\nNot run: {row}: {why}." for row, why in result.get("skipped", {}).items()]
     return "\n".join(lines) + "\n"
 
 
@@ -295,6 +409,8 @@ def arguments(description: str = __doc__) -> argparse.ArgumentParser:
     parser.add_argument("--latents", type=int, default=1024)
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--sae-steps", type=int, default=400)
+    parser.add_argument("--sae-resample-every", type=int, help="the SAEs' train.resample_every (default: the "
+                        "library's; 0 for Gemma, whose SAE diverges when dead latents are restarted)")
     parser.add_argument("--eval-examples", type=int, default=500)
     parser.add_argument("--speed-repeats", type=int, default=15, help="timed generations per row (the median counts)")
     parser.add_argument("--rows", nargs="*", help="only rows whose name contains one of these")
@@ -302,6 +418,9 @@ def arguments(description: str = __doc__) -> argparse.ArgumentParser:
     parser.add_argument("--append", action="store_true", help="keep the rows of an earlier --output, replacing those run again")
     parser.add_argument("--speed-only", action="store_true",
                         help="time the rows of an earlier --output again (untrained: the cost is the same), nothing else")
+    parser.add_argument("--head-at-answers", action="store_true",
+                        help="in training, S's head computes logits only where the loss is taken (the same loss and "
+                             "gradients; a third less CPU time per training step with Gemma's 262k-token head)")
     parser.add_argument("--save", action="store_true", help="save every bridge's merged model under RUNS/merges/")
     parser.add_argument("--quiet", action="store_true")
     return parser
