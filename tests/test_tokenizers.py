@@ -141,6 +141,9 @@ def test_a_merge_across_tokenizers_saves_loads_generates_and_evaluates(cross_mer
     fresh = model.generate(batch, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
                            use_cache=False)
     assert torch.equal(cached, fresh)
+    beams = dict(max_new_tokens=6, do_sample=False, num_beams=3, pad_token_id=0)  # the cache's ids reordered too
+    assert torch.equal(model.generate(batch[:1], attention_mask=mask[:1], **beams),
+                       model.generate(batch[:1], attention_mask=mask[:1], use_cache=False, **beams))
     for row, prompt in zip(cached, prompts):  # left padding changes nothing
         alone = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, pad_token_id=0)
         assert torch.equal(row[width - len(prompt):], alone[0])
