@@ -26,12 +26,7 @@ def activations(sources: dict, paths: dict[str, list[str]], input_ids: torch.Ten
     the same text in its tokens, and only the positions where every tokenization ends at the same byte are kept.
     """
     sites = [{} for _ in next(iter(paths.values()))]
-    if not retokenizers:
-        for name, model in sources.items():
-            for site, h in zip(sites, run_to_layers(model, paths[name], input_ids.to(model.device))):
-                site[name] = h[:, 1:].reshape(-1, h.shape[-1]).float()
-        return sites
-    kept, others = aligned_rows(input_ids, retokenizers)
+    kept, others = aligned_rows(input_ids, retokenizers) if retokenizers else (None, {})
     for name, model in sources.items():
         ids, mask, positions = input_ids, None, kept
         if name in others:  # the source's own tokens, right-padded
@@ -40,7 +35,8 @@ def activations(sources: dict, paths: dict[str, list[str]], input_ids: torch.Ten
             mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=model.device)
             ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
         for site, h in zip(sites, run_to_layers(model, paths[name], ids.to(model.device), mask)):
-            site[name] = torch.cat([h[b, p] for b, p in enumerate(positions)]).float()
+            site[name] = (h[:, 1:].reshape(-1, h.shape[-1]) if positions is None
+                          else torch.cat([h[b, p] for b, p in enumerate(positions)])).float()
     return sites
 
 

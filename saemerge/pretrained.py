@@ -83,9 +83,11 @@ class MergedModelFiles:
         super().save_pretrained(save_directory, *args, **kwargs)
         for name, text in self.merge_files.items():
             (Path(save_directory) / name).write_text(text)
-        for name, retokenizer in self.retokenizers.items():  # the tokenizers a source with its own one needs
-            retokenizer.other.save_pretrained(Path(save_directory) / "tokenizers" / name)
-            retokenizer.reference.tokenizer.save_pretrained(Path(save_directory) / "tokenizers" / self.config.target)
+        if self.retokenizers:  # a source reads with its own tokenizer: keep it, and the target's it reads from
+            tokenizers = {n: r.other for n, r in self.retokenizers.items()}
+            tokenizers[self.config.target] = next(iter(self.retokenizers.values())).reference.tokenizer
+            for name, tokenizer in tokenizers.items():
+                tokenizer.save_pretrained(Path(save_directory) / "tokenizers" / name)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
@@ -104,8 +106,8 @@ class MergedModelFiles:
         if config.own_tokenizers:
             from transformers import AutoTokenizer
 
-            model.set_tokenizers({n: AutoTokenizer.from_pretrained(pretrained_model_name_or_path, subfolder=f"tokenizers/{n}",
-                                                                   **hub)
+            model.set_tokenizers({n: AutoTokenizer.from_pretrained(pretrained_model_name_or_path,
+                                                                   subfolder=f"tokenizers/{n}", **hub)
                                   for n in [config.target, *config.own_tokenizers]})
         return model
 
