@@ -14,7 +14,9 @@ windows of 512 tokens); the mixture is the mean of the two domains.
 Writes eval/results/cross_tokenizer_merge.{json,md,png} (with --limit N: cross_tokenizer_merge_limitN.*); rows
 are saved as they finish and --resume skips them.
 
-- Sources and merged folders are scored by lm-eval (saemerge.evaluate, `loglikelihood_rolling` -> bits_per_byte).
+- Sources and merged folders are scored by lm-eval (saemerge.evaluate, `loglikelihood_rolling` -> bits_per_byte);
+  a merged folder whose eval_results.json already holds both tasks at these settings (the recipe's own eval, the
+  same call) is read from there rather than scored twice.
 - The ensembles are computed here from each source's per-token log-probabilities on the same documents, taken
   exactly as lm-eval's HFLM.loglikelihood_rolling takes them (same tokens, prefix token and windows); each
   source's bits per byte from them must equal lm-eval's to 1e-4 (relative), or the script stops.
