@@ -79,10 +79,17 @@ class TokenBytes:
         return out
 
 
+@lru_cache(maxsize=8)
+def token_bytes(tokenizer) -> TokenBytes:
+    """TokenBytes of a tokenizer object, built once (a 262k vocabulary takes seconds, and a merge asks at its check,
+    its harvests and its build)."""
+    return TokenBytes(tokenizer)
+
+
 def spelling_problem(tokenizer, text: str = PROBE) -> str | None:
     """Why the tokens' bytes do not spell the text back (None if they do)."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    spelt = TokenBytes(tokenizer).spell(ids)
+    spelt = token_bytes(tokenizer).spell(ids)
     if spelt != text.encode():
         return f"its tokens spell {spelt[:40]!r} for {text[:40]!r}"
     return None
@@ -102,8 +109,7 @@ class Retokenizer:
     """Text written in the `reference` tokenizer's ids, read again by `other`."""
 
     def __init__(self, reference, other):
-        self.reference, self.other = TokenBytes(reference), other
-        self.other_bytes = TokenBytes(other)
+        self.reference, self.other, self.other_bytes = token_bytes(reference), other, token_bytes(other)
         self.bos = adds_bos(other)
 
     def read(self, texts: list[bytes]) -> list[list[int]]:
