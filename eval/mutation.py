@@ -39,7 +39,7 @@ TARGETS = ["saemerge/sae.py:-SparseAutoencoder.save,-SparseAutoencoder.load",
            "saemerge/train.py:resampling_due,lr_factor,init_batches,resample_dead,init_saes,Trainer.resample,Trainer.step",
            "saemerge/harvest.py:activations,shuffled",
            "saemerge/sae_bridge.py:scaled_residuals,SAEBridge.__init__,SAEBridge.send,SAEBridge.receive",
-           "saemerge/modeling.py:mix_heads"]
+           "saemerge/heads.py:mix_heads"]
 # The fast tests of the maths; the two end-to-end merges of test_training_loop.py are left out (a minute per
 # surviving mutant instead of seconds), which can only make more mutants survive.
 # One thread per run: the jobs share the cores.

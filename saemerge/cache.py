@@ -20,10 +20,11 @@ def cache_argument(model: nn.Module) -> str:
 
 
 class MergedCache(Cache):
-    """The merged model's KV cache: one DynamicCache per source run, keyed "send:NAME" (a source run up to its
-    layer) or "receive:NAME" (run whole); a source that does both keeps two, since the same tokens pass its early
-    blocks twice. A bridge that attends over past positions keeps its own layers under "bridge". To `generate` it is one transformers `Cache` whose layers are all of theirs, so what generate does
-    to a cache (reorder for beam search, select, crop, ...) is the Cache API's own code reaching every source."""
+    """The merged model's KV cache: one DynamicCache per source, keyed "source:NAME" (each runs once per forward,
+    lockstep.py; a source that only sends fills its layers up to its last site). A bridge that attends over past
+    positions keeps its own layers under "bridge". To `generate` it is one transformers `Cache` whose layers are
+    all of theirs, so what generate does to a cache (reorder for beam search, select, crop, ...) is the Cache
+    API's own code reaching every source."""
 
     def __init__(self, caches: dict[str, Cache]):
         self.caches = caches
@@ -31,7 +32,7 @@ class MergedCache(Cache):
         super().__init__(layers=[layer for cache in caches.values() for layer in cache.layers])
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        # Every run sees the same tokens; a sender's cache is filled only up to its layer, so take the longest.
+        # Every source sees the same tokens; a sender's cache is filled only up to its layer, so take the longest.
         return max(cache.get_seq_length(layer_idx) for cache in self.caches.values())
 
     @property

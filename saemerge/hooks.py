@@ -139,3 +139,26 @@ def run_to_layer(model: nn.Module, layer: int | str, input_ids: torch.Tensor,
                  attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Residual stream at `layer`, running the model only that far (no later blocks, no LM head)."""
     return run_to_layers(model, [layer], input_ids, attention_mask)[0]
+
+
+def run_to_head(model: nn.Module, input_ids: torch.Tensor, check: bool = False, **forward_kwargs
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The input of the model's output head (its last hidden state, final norm applied, at the positions it would
+    give logits for), without running the head over them (heads.py does, a few at a time). With `check`, also
+    the model's own logits at the last position, to check a head applied outside against once."""
+    captured = []
+
+    def hook(module, args):
+        captured.append(args[0])
+        if not check:
+            raise StopForward
+        return (args[0][:, -1:], *args[1:])
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(hook)
+    try:
+        logits = model(input_ids=input_ids, **forward_kwargs).logits
+    except StopForward:
+        logits = None
+    finally:
+        handle.remove()
+    return captured[0], logits

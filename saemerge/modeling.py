@@ -1,18 +1,21 @@
 """The merged model: sources side by side, features carried between their residual streams by a bridge.
 
-A forward runs the senders up to their last site (wiring.py), hands their residuals to the bridge (sae_bridge.py),
-then runs each receiver whole with what the bridge returns added (times `scale`) at its sites. heads:
+A forward runs the sources side by side (lockstep.py), each once: all run up to a site, the bridge (sae_bridge.py)
+turns the senders' residuals there into what each receiver gets (times `scale`), then each goes on to the next
+site, and the receivers to their heads (wiring.py says who sends and who receives). heads:
   target: only `target` receives, and its head gives the logits;
   mean:   every source receives from all the others; the heads' next-token distributions are averaged;
   router: the same, mixed per token by a learned router over the sources' residuals.
-scale = 0 gives the target alone (target), the logit ensemble (mean) or a routed ensemble (router).
-A sender may read with a tokenizer of its own (heads: target only): it reads the text of the target's tokens so
+scale = 0 gives the target alone (target), the logit ensemble (mean) or a routed ensemble (router). Mixed heads
+are applied outside the sources' forwards, a chunk of positions at a time (heads.py), and only where
+`logits_to_keep` asks. A sender may read with a tokenizer of its own (heads: target only): it reads the text of the target's tokens so
 far, never more, in its own tokens (retokenize.py), and what it holds after reading up to token t reaches t.
 Config: configuration.py; KV cache: cache.py; saving and loading: pretrained.py.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from contextlib import ExitStack
 
@@ -24,33 +27,19 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .cache import OUTPUT_CACHE, MergedCache, cache_argument, given_cache
 from .configuration import SAEMergedConfig
-from .hooks import ResidualHook, run_to_layers
+from .heads import OutputHead, mixed_log_probs, next_token_loss
+from .hooks import resolve_layer, run_to_head
+from .lockstep import Run, in_lockstep
 from .pretrained import MergedModelFiles
 from .retokenize import Retokenizer, read_prefixes
 from .cross_attention_bridge import CrossAttentionBridge
 from .linear_bridge import LinearBridge
 from .sae import SparseAutoencoder
 from .sae_bridge import SAEBridge, Step, scaled_residuals
-from .wiring import runs, send_runs, senders_to
+from .wiring import receivers, runs, senders, senders_to
 
 # config.bridge -> the class that carries features between the sources
 BRIDGES = {"sae": SAEBridge, "linear": LinearBridge, "cross_attention": CrossAttentionBridge}
-
-
-def mix_heads(log_weights: torch.Tensor, logits: list[torch.Tensor]) -> torch.Tensor:
-    """log sum_s w_s softmax(logits_s): the log of the mixed next-token distribution, in float32 whatever the
-    sources' dtype (a 16-bit log-softmax loses the small probabilities the mixture adds up), one source at a time:
-    pairwise logaddexp is several times faster than logsumexp over a stacked [S, B, T, V] tensor, and without
-    autograd (inference) it works in place, holding one vocabulary-sized tensor per source less."""
-    in_place = not torch.is_grad_enabled()
-    mixed = None
-    for i in range(len(logits)):
-        log_probs = logits[i].float().log_softmax(-1)
-        logits[i] = None  # let it go
-        weight = log_weights[..., i, None].to(log_probs.device, torch.float32)  # sources may sit elsewhere
-        log_probs = log_probs.add_(weight) if in_place else log_probs + weight
-        mixed = log_probs if mixed is None else torch.logaddexp(mixed, log_probs, out=mixed if in_place else None)
-    return mixed
 
 
 def onloaded(modules: list[nn.Module | None]) -> ExitStack:
@@ -104,7 +93,13 @@ class SAEMergedForCausalLM(MergedModelFiles, PreTrainedModel, GenerationMixin):
         self.retokenizers: dict[str, Retokenizer] = {}  # set_tokenizers(); from_pretrained loads them
         self.sources = nn.ModuleDict(sources)
         self.layers = {s["name"]: s["layers"] for s in config.sources}
+        # Found once: resolving a block index walks the model's modules, too slow to do at every generated token.
+        self.sites = {name: [source.get_submodule(resolve_layer(source, layer)) for layer in self.layers[name]]
+                      for name, source in sources.items()}
+        self.heads = {name: OutputHead(source) for name, source in sources.items()}
         self.cache_arguments = {name: cache_argument(source) for name, source in sources.items()}
+        self.keeps_logits = {name: "logits_to_keep" in inspect.signature(source.forward).parameters
+                             for name, source in sources.items()}
         # What device_map must keep whole: post_init gathers it from child models only, and the sources are one
         # level down.
         self._no_split_modules = {m for source in sources.values() for m in source._no_split_modules or []}
@@ -149,10 +144,10 @@ class SAEMergedForCausalLM(MergedModelFiles, PreTrainedModel, GenerationMixin):
         self.retokenizers = {n: Retokenizer(target, tokenizers[n]) for n in self.config.own_tokenizers}
 
     def new_cache(self) -> MergedCache:
-        """An empty KV cache: one DynamicCache for each source run this wiring makes, the bridge's own layers, and the
+        """An empty KV cache: one DynamicCache for each source the forward runs, the bridge's own layers, and the
         target's tokens so far if a sender reads them with a tokenizer of its own."""
-        caches = {f"{role}:{name}": DynamicCache(config=self.sources[name].config.get_text_config(decoder=True))
-                  for role, name in runs(self.config)}
+        caches = {f"source:{name}": DynamicCache(config=self.sources[name].config.get_text_config(decoder=True))
+                  for name in runs(self.config)}
         if self._reads_text():
             caches["ids"] = Cache(layers=[DynamicLayer()])  # kept as a [batch, 1, tokens, 1] "key"
         if self.bridge.cache_layers():
@@ -160,7 +155,7 @@ class SAEMergedForCausalLM(MergedModelFiles, PreTrainedModel, GenerationMixin):
         return MergedCache(caches)
 
     def _reads_text(self) -> bool:
-        return any(n in self.config.own_tokenizers for n in send_runs(self.config))
+        return any(n in self.config.own_tokenizers for n in senders(self.config))
 
     def _read(self, name: str, text: tuple, new: int) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Sender `name`'s residuals at its layers for the last `new` of the target's tokens `text` = (ids so far,
@@ -170,54 +165,79 @@ class SAEMergedForCausalLM(MergedModelFiles, PreTrainedModel, GenerationMixin):
                              "(which loads its tokenizers) or call set_tokenizers() first")
         return read_prefixes(self.sources[name], self.layers[name], self.retokenizers[name], *text, new)
 
-    def _receive(self, name: str, input_ids, run, sent: list[dict], residuals: list[dict], step: Step,
-                 keep: torch.Tensor | None = None):
-        """A full forward of source `name`, receiving what the bridge carries at its layers (if anything), only
-        where `keep` ([batch, tokens, 1]) is 1 if given. Returns its logits and its residual at the last site (the
-        router's input)."""
-        model = self.sources[name]
-        if self.config.scale == 0 or not senders_to(self.config, name):
-            with ResidualHook(model, self.layers[name][-1], "capture") as hook:
-                return model(input_ids=input_ids, **run("receive", name)).logits, hook.captured
-        with ExitStack() as hooks:
-            for site, layer in enumerate(self.layers[name]):
-                delta = lambda h, site=site: self.config.scale * self.bridge.receive(name, site, h, sent[site],
-                                                                                    residuals[site], step)
-                if keep is not None:
-                    delta = lambda h, inner=delta: inner(h) * keep.to(h)
-                hooks.enter_context(ResidualHook(model, layer, "inject", vector=delta))
-            return model(input_ids=input_ids, **run("receive", name)).logits, residuals[-1].get(name)
-
-    def _logits(self, input_ids: torch.LongTensor, run, step: Step, text: tuple | None = None) -> torch.Tensor:
-        """The merged next-token logits; `run(role, name)` gives the keyword arguments of one source's run, `text`
-        the target's tokens so far and their attention mask (for senders that read with their own tokenizer)."""
+    def _exchange(self, site: int, at_site: dict[str, torch.Tensor], read: dict, keep: torch.Tensor | None,
+                  step: Step) -> dict[str, torch.Tensor]:
+        """What each receiver gets at `site` from the residuals there (`at_site`, with what the senders with a
+        tokenizer of their own `read`), only where `keep` is 1 if given."""
         cfg = self.config
-        senders, by_source, keep = send_runs(cfg), {}, None
-        for n in senders:
+        at_site.update({n: residuals[site] for n, residuals in read.items()})
+        if not (cross := senders(cfg)):
+            return {}
+        sent = self.bridge.send(site, {n: at_site[n] for n in cross}, step)
+        added = {}
+        for name in receivers(cfg):
+            if senders_to(cfg, name):
+                delta = cfg.scale * self.bridge.receive(name, site, at_site[name], sent, at_site, step)
+                added[name] = delta if keep is None else delta * keep.to(delta)
+        return added
+
+    def _logits(self, input_ids: torch.LongTensor, kwargs, step: Step, text: tuple | None = None,
+                logits_to_keep: int | torch.Tensor = 0) -> torch.Tensor:
+        """The merged next-token logits (log-probabilities with heads mean | router) at the positions
+        `logits_to_keep` names; `kwargs(name)` gives the keyword arguments of one source's forward, `text` the
+        target's tokens so far and their attention mask (for senders that read with their own tokenizer)."""
+        cfg = self.config
+        read, keep = {}, None
+        for n in senders(cfg):
             if n in cfg.own_tokenizers:
-                by_source[n], read = self._read(n, text, input_ids.shape[-1])
-                keep = read if keep is None else keep & read
-            else:
-                by_source[n] = run_to_layers(self.sources[n], self.layers[n], input_ids, **run("send", n))
-        residuals = [{n: by_source[n][site] for n in senders} for site in range(cfg.n_sites)]
-        sent = [self.bridge.send(site, at_site, step) for site, at_site in enumerate(residuals)]
-        if cfg.heads == "target":
-            keep = keep[..., None].to(input_ids.device) if keep is not None else None
-            return self._receive(cfg.target, input_ids, run, sent, residuals, step, keep)[0]
-        outputs = {n: self._receive(n, input_ids, run, sent, residuals, step) for n in cfg.names}
+                read[n], where = self._read(n, text, input_ids.shape[-1])
+                keep = where if keep is None else keep & where
+        keep = keep[..., None].to(input_ids.device) if keep is not None else None
+        mixing, receiving = cfg.heads != "target", receivers(cfg)
+
+        def forward(name: str):
+            source, kept_here = self.sources[name], {"logits_to_keep": logits_to_keep} if self.keeps_logits[name] else {}
+            if name not in receiving:
+                return lambda: source(input_ids=input_ids, **kwargs(name))  # stopped at its last site
+            if mixing:  # heads.py applies the head
+                return lambda: run_to_head(source, input_ids, check=not self.heads[name].checked, **kwargs(name),
+                                           **kept_here)
+            return lambda: source(input_ids=input_ids, **kwargs(name), **kept_here).logits
+
+        last = {}  # every source's residual at the last site: the router's input
+
+        def exchange(site, at_site):
+            if site == cfg.n_sites - 1:
+                last.update(at_site)
+            return self._exchange(site, at_site, read, keep, step)
+
+        outputs = in_lockstep({n: Run(forward(n), self.sites[n], whole=n in receiving) for n in runs(cfg)}, exchange)
+        if not mixing:
+            logits = outputs[cfg.target]
+            return logits if self.keeps_logits[cfg.target] else logits[:, kept(logits_to_keep)]
+        hidden = {}
+        for n in cfg.names:
+            hidden[n], own_logits = outputs[n]
+            if own_logits is not None:
+                self.heads[n].check(hidden[n][:, -1:], own_logits)
+            if not self.keeps_logits[n]:
+                hidden[n] = hidden[n][:, kept(logits_to_keep)]
         if cfg.heads == "router":
-            last = {n: outputs[n][1] for n in cfg.names}
-            weights = self.router(scaled_residuals(self.saes[-1], cfg.names, last, self.router)).log_softmax(-1)
+            weights = self.router(scaled_residuals(self.saes[-1], cfg.names, last, self.router))
+            weights = weights[:, kept(logits_to_keep)].log_softmax(-1)
         else:
-            weights = torch.full((*input_ids.shape, len(cfg.names)), -math.log(len(cfg.names)))
-        return mix_heads(weights, [outputs.pop(n)[0] for n in cfg.names])
+            positions = hidden[cfg.names[0]].shape[:2]
+            weights = torch.full((*positions, len(cfg.names)), -math.log(len(cfg.names)))
+        return mixed_log_probs(weights, [hidden[n] for n in cfg.names], [self.heads[n] for n in cfg.names])
 
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None, cache: MergedCache | None = None,
                 use_cache: bool | None = None, labels: torch.LongTensor | None = None,
-                past_key_values: MergedCache | None = None, **kwargs) -> CausalLMOutputWithPast:
+                past_key_values: MergedCache | None = None, logits_to_keep: int | torch.Tensor = 0,
+                **kwargs) -> CausalLMOutputWithPast:
         """`cache` (or `past_key_values`, its name before transformers 5.24): a MergedCache (`new_cache()`), made
-        here when `use_cache` is set and none is given."""
+        here when `use_cache` is set and none is given. `logits_to_keep` as in transformers' models: logits for
+        the last n positions only (0: all), or for these indices; `generate` asks for the last one."""
         cache = given_cache(cache if cache is not None else past_key_values, kwargs)
         if input_ids.shape[-1] == 0:  # no tokens, no logits (the sources' own forwards fail on an empty sequence)
             head = self.get_output_embeddings().weight
@@ -233,22 +253,25 @@ class SAEMergedForCausalLM(MergedModelFiles, PreTrainedModel, GenerationMixin):
                 history.update(input_ids[:, None, :, None], input_ids[:, None, :, None])
                 text = (history.keys[:, 0, :, 0], attention_mask)
 
-        def run(role: str, name: str) -> dict:
-            """Arguments of one source's run; `role` (send/receive) picks its cache."""
+        def source_kwargs(name: str) -> dict:
             kwargs = {"attention_mask": attention_mask, "position_ids": position_ids, "use_cache": cache is not None}
             if cache is not None:
-                kwargs[self.cache_arguments[name]] = cache.caches[f"{role}:{name}"]
+                kwargs[self.cache_arguments[name]] = cache.caches[f"source:{name}"]
             return kwargs
 
         with onloaded([*self.bridge.modules().values(), self.router]):
             step = Step(attention_mask, cache.caches["bridge"].layers if cache is not None and "bridge" in cache.caches
                         else [])
-            logits = self._logits(input_ids, run, step, text)
+            logits = self._logits(input_ids, source_kwargs, step, text, logits_to_keep)
         loss = None
         if labels is not None:
-            loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                               ignore_index=-100)
+            loss = next_token_loss(logits, labels[:, kept(logits_to_keep)], normalized=self.config.heads != "target")
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{OUTPUT_CACHE: cache})
+
+
+def kept(logits_to_keep: int | torch.Tensor) -> slice | torch.Tensor:
+    """The positions `logits_to_keep` names, as transformers' models read it."""
+    return slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
 
 
 def register_auto_classes() -> None:

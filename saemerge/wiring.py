@@ -2,6 +2,7 @@
 
 heads: target  only `target` receives, from the sources in `inject`;
 heads: mean / router  every source receives from all the others.
+At a site every source's residual is read as it is there, after what it received at earlier sites.
 """
 
 from __future__ import annotations
@@ -19,20 +20,16 @@ def senders_to(config: SAEMergedConfig, receiver: str) -> list[str]:
     return [n for n in config.names if n != receiver]
 
 
-def send_runs(config: SAEMergedConfig) -> list[str]:
-    """The sources that run up to their last layer before any receiver runs, so that what they send exists.
-    Receivers that also send run twice up to it (simple, not free). A receiver that sends nothing runs there too
-    only when its own un-injected codes are needed at a later site (combine: mean, several sites): at the first
-    site its stream is the one its receiving run injects into."""
+def senders(config: SAEMergedConfig) -> list[str]:
+    """The sources whose codes cross at each site."""
     if config.scale == 0:
         return []
-    if config.heads != "target" or (config.combine == "mean" and config.n_sites > 1):
-        return list(config.names)
-    return [n for n in config.names if n in senders_to(config, config.target)]
+    return [n for n in config.names if n in config.inject] if config.heads == "target" else list(config.names)
 
 
-def runs(config: SAEMergedConfig) -> list[tuple[str, str]]:
-    """(role, source) of every source run of one forward that keeps a KV cache: the send runs, then the receiving
-    runs. A sender with a tokenizer of its own keeps none: it reads each prefix afresh (retokenize.py)."""
-    return [("send", n) for n in send_runs(config) if n not in config.own_tokenizers] + \
-        [("receive", n) for n in receivers(config)]
+def runs(config: SAEMergedConfig) -> list[str]:
+    """The sources a forward runs side by side (lockstep.py), each once, each keeping its own KV cache: the
+    receivers whole, the other senders up to their last site. A sender with a tokenizer of its own is not among
+    them: it reads each prefix afresh in its own tokens (retokenize.py)."""
+    running = set(receivers(config)) | set(senders(config)) - set(config.own_tokenizers)
+    return [n for n in config.names if n in running]

@@ -18,19 +18,22 @@ def test_greedy_with_cache_equals_greedy_without(merges, batch, kind):
     assert torch.equal(cached, recomputed)
 
 
-def test_the_cache_holds_one_kv_cache_per_source_run(merges, batch):
-    """The router wiring runs every source up to its layer (sender) and whole (receiver): four caches, the
-    senders' filled only up to their layer."""
-    model = merges["router"]
-    with torch.no_grad():
-        out = model(**batch, use_cache=True)
-    cache = getattr(out, OUTPUT_CACHE)
-    assert isinstance(cache, MergedCache)
-    assert set(cache.caches) == {"send:a", "send:b", "receive:a", "receive:b"}
+def test_the_cache_holds_one_kv_cache_per_source(merges, batch):
+    """Every source runs once per forward (lockstep.py), so each keeps one KV cache; in the target wiring the
+    sender's is filled only up to its layer."""
     length = batch["input_ids"].shape[1]
-    assert cache.get_seq_length() == length
-    sender = cache.caches["send:a"]
-    assert sender.get_seq_length(1) == length and sender.get_seq_length(2) == 0  # layer 1 is the last it needs
+    for kind in ("router", "target"):
+        model = merges[kind]
+        with torch.no_grad():
+            out = model(**batch, use_cache=True)
+        cache = getattr(out, OUTPUT_CACHE)
+        assert isinstance(cache, MergedCache)
+        assert set(cache.caches) == {"source:a", "source:b"}
+        assert cache.get_seq_length() == length
+        receiver, sender = (cache.caches[f"source:{n}"] for n in (model.config.target, model.config.inject[0]))
+        assert receiver.get_seq_length(len(receiver.layers) - 1) == length
+        if kind == "target":  # layer 1 is the last the sender needs
+            assert sender.get_seq_length(1) == length and sender.get_seq_length(2) == 0
     assert getattr(model(**batch), OUTPUT_CACHE) is None  # plain forwards (lm-eval) keep no cache
 
 

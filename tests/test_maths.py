@@ -434,7 +434,7 @@ def test_heads_mix_as_a_weighted_sum_of_probabilities(grad):
     logits = [torch.randn(2, 3, 7, generator=g, requires_grad=grad) for _ in range(3)]
     log_w = torch.randn(2, 3, 3, generator=g).log_softmax(-1)
     expected = torch.log(sum(log_w[..., s, None].exp() * logits[s].detach().softmax(-1) for s in range(3)))
-    from saemerge.modeling import mix_heads
+    from saemerge.heads import mix_heads
 
     with torch.set_grad_enabled(grad):
         mixed = mix_heads(log_w, list(logits))

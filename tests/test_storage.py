@@ -118,7 +118,7 @@ def test_loads_without_saemerge_with_trust_remote_code(folders, kind):
     assert config["auto_map"] == {"AutoConfig": "configuration.SAEMergedConfig",
                                   "AutoModelForCausalLM": "modeling.SAEMergedForCausalLM"}
     code = {"modeling.py", "configuration.py", "cache.py", "wiring.py", "sae_bridge.py", "linear_bridge.py",
-            "cross_attention_bridge.py", "pretrained.py", "hooks.py", "sae.py", "retokenize.py"}
+            "cross_attention_bridge.py", "pretrained.py", "hooks.py", "sae.py", "retokenize.py", "heads.py", "lockstep.py"}
     assert {p.name for p in folder.glob("*.py")} == code  # the model's modules and nothing of the pipeline
     result = without_saemerge(folder, trust=True)
     assert not result["saemerge"]  # the folder's own code ran: saemerge could not be imported

@@ -1,0 +1,98 @@
+"""The sources' output heads applied outside their forwards, a few positions at a time, and mixed.
+
+With `heads: mean | router` the merged model returns log sum_s w_s softmax(logits_s). Each source's whole
+[batch, tokens, vocabulary] logits, their log-softmaxes and the mixture held at once cost several times one
+model's largest tensor (8.6 GB each for Gemma's 262k-token vocabulary at 16 x 512 tokens in float32). So each
+source stops before its head (hooks.run_to_head), and the heads run here over `chunk_positions(...)` positions at
+a time, mixed into one preallocated output; the loss, when labels are given, is taken chunk by chunk too.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# Elements of one [batch, positions, vocabulary] chunk: 64 MB of float32, large enough for full-speed kernels.
+CHUNK_ELEMENTS = 2**24
+
+
+def chunk_positions(batch: int, vocab: int) -> int:
+    return max(1, CHUNK_ELEMENTS // max(1, batch * vocab))
+
+
+class OutputHead:
+    """A source's logits from its last hidden state: its output embeddings, then what its family's forward does to
+    them (Gemma's final soft-capping, Cohere's logit scale, Granite's logits scaling). `check` compares with the
+    model's own logits once, so a family that does something else is refused instead of mixed wrongly."""
+
+    def __init__(self, model: nn.Module):
+        config = model.config.get_text_config(decoder=True)
+        self.model = model
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+        self.multiplier = getattr(model, "logit_scale", None) or getattr(config, "logit_scale", None)
+        self.divisor = getattr(config, "logits_scaling", None)
+        self.name = type(model).__name__
+        self.checked = False
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_output_embeddings().weight.shape[0]
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.model.get_output_embeddings()(hidden)
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        if self.multiplier:
+            logits = logits * self.multiplier
+        if self.divisor:
+            logits = logits / self.divisor
+        return logits
+
+    def check(self, hidden: torch.Tensor, own_logits: torch.Tensor) -> None:
+        ours = self(hidden).float()
+        tolerance = 1e-3 if ours.dtype == own_logits.dtype == torch.float32 else 5e-2
+        if not torch.allclose(ours, own_logits.float(), rtol=tolerance, atol=tolerance * ours.abs().max().item()):
+            raise ValueError(f"{self.name}: its forward transforms the output head's logits in a way saemerge does "
+                             "not know; heads 'mean' and 'router' cannot mix its logits (heads 'target' can)")
+        self.checked = True
+
+
+def mix_heads(log_weights: torch.Tensor, logits: list[torch.Tensor]) -> torch.Tensor:
+    """log sum_s w_s softmax(logits_s): the log of the mixed next-token distribution, in float32 whatever the
+    sources' dtype (a 16-bit log-softmax loses the small probabilities the mixture adds up), one source at a time:
+    pairwise logaddexp is several times faster than logsumexp over a stacked [S, B, T, V] tensor, and without
+    autograd (inference) it works in place, holding one vocabulary-sized tensor per source less."""
+    in_place = not torch.is_grad_enabled()
+    mixed = None
+    for i in range(len(logits)):
+        log_probs = logits[i].float().log_softmax(-1)
+        logits[i] = None  # let it go
+        weight = log_weights[..., i, None].to(log_probs.device, torch.float32)  # sources may sit elsewhere
+        log_probs = log_probs.add_(weight) if in_place else log_probs + weight
+        mixed = log_probs if mixed is None else torch.logaddexp(mixed, log_probs, out=mixed if in_place else None)
+    return mixed
+
+
+def mixed_log_probs(log_weights: torch.Tensor, hidden: list[torch.Tensor], heads: list[OutputHead]) -> torch.Tensor:
+    """mix_heads over the sources' last hidden states [batch, positions, d_s], a chunk of positions at a time,
+    into one float32 [batch, positions, vocabulary] tensor: the only vocabulary-sized tensor held whole."""
+    (batch, positions), vocab = hidden[0].shape[:2], heads[0].vocab_size
+    out = torch.empty(batch, positions, vocab, dtype=torch.float32, device=log_weights.device)
+    step = chunk_positions(batch, vocab)
+    for start in range(0, positions, step):
+        part = slice(start, start + step)
+        out[:, part] = mix_heads(log_weights[:, part], [head(h[:, part]) for head, h in zip(heads, hidden)])
+    return out
+
+
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, normalized: bool = False) -> torch.Tensor:
+    """Mean cross-entropy of each position's logits against the next position's label (-100: none), in float32
+    a chunk of positions at a time (a float32 copy of all logits at once would double a large vocabulary's);
+    `normalized`: the logits are log-probabilities already (the mixture), so no log-softmax is taken again."""
+    targets = nn.functional.pad(labels[:, 1:], (0, 1), value=-100).to(logits.device)
+    step, total = chunk_positions(*logits.shape[0:1], logits.shape[-1]), 0
+    for start in range(0, logits.shape[1], step):
+        part = logits[:, start:start + step].flatten(0, 1).float()
+        loss = nn.functional.nll_loss if normalized else nn.functional.cross_entropy
+        total = total + loss(part, targets[:, start:start + step].flatten(), ignore_index=-100, reduction="sum")
+    return total / (targets != -100).sum()
