@@ -109,7 +109,8 @@ def parts(model, steps: list[tuple], cache: bool) -> dict:
                 weights = model.router(scaled_residuals(model.saes[-1], names, last, model.router)).log_softmax(-1)
             else:
                 weights = torch.full((*logits[names[0]][i].shape[:-1], len(names)), -math.log(len(names)))
-            mix_heads(weights, [logits[n][i] for n in names])
+            kept = logits[names[0]][i].shape[1]  # the last position only, in generation
+            mix_heads(weights[:, -kept:], [logits[n][i] for n in names])
 
     fns = {"merged": merged, **{f"full:{r}": (lambda r=r: full(r)) for r in receivers},
            **{f"partial:{a}": (lambda a=a: partial(a)) for a in senders if a not in receivers}, "sae": sae}

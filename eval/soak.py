@@ -19,6 +19,7 @@ import gzip
 import json
 import platform
 import random
+import resource
 import time
 import traceback
 from collections import Counter
@@ -166,7 +167,7 @@ def main() -> None:
         calls[via] += 1
         lengths[record.get("tokens", -1)] += 1
         done += size
-        if calls.total() % 100 == 0:
+        if calls.total() % 10 == 0:
             print(f"{done:6d} inputs, {calls.total()} calls, {len(nonfinite)} non-finite, {len(exceptions)} exceptions, "
                   f"{time.perf_counter() - start:.0f}s", flush=True)
     wall = time.perf_counter() - start
@@ -176,6 +177,7 @@ def main() -> None:
         "inputs_per_kind": dict(sorted(counts.items())), "calls": dict(calls), "calls_total": calls.total(),
         "calls_at_max_length": lengths[max_length], "calls_with_empty_batch": lengths[0],
         "nonfinite": nonfinite, "exceptions": exceptions, "wall_seconds": round(wall, 1),
+        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
                    f"transformers {transformers.__version__}",
     }
