@@ -94,9 +94,9 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, normalized: bool
     a chunk of positions at a time (a float32 copy of all logits at once would double a large vocabulary's);
     `normalized`: the logits are log-probabilities already (the mixture), so no log-softmax is taken again."""
     targets = nn.functional.pad(labels[:, 1:], (0, 1), value=-100).to(logits.device)
-    step, total = chunk_positions(*logits.shape[0:1], logits.shape[-1]), 0
+    loss = nn.functional.nll_loss if normalized else nn.functional.cross_entropy
+    step, total = chunk_positions(logits.shape[0], logits.shape[-1]), 0
     for start in range(0, logits.shape[1], step):
         part = logits[:, start:start + step].flatten(0, 1).float()
-        loss = nn.functional.nll_loss if normalized else nn.functional.cross_entropy
         total = total + loss(part, targets[:, start:start + step].flatten(), ignore_index=-100, reduction="sum")
     return total / (targets != -100).sum()
