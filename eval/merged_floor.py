@@ -7,8 +7,8 @@
 floor = the single-pass bound: every receiver's full forward + every other sender's forward up to its last layer
 (run_to_layers) + the SAE work (encode each sender's residual, and each receiver's own under combine "mean";
 decode into each receiver): each source's blocks once. Also timed, outside the floor: `injected`
-(model.bridge.receive per receiver and site: code mixing, gates, decode) and `mix` (each head's log_softmax,
-the router, the pairwise logaddexp). Each part runs on the same B x T tokens (starts of test documents, alternately prose
+(model.bridge.receive per receiver and site: code mixing, gates, decode) and `mix` (each head's softmax,
+the router, the mixture). Each part runs on the same B x T tokens (starts of test documents, alternately prose
 and code, no padding). Generation: greedy model.generate of N tokens with the cache from the first T - N
 tokens; its floor parts replay the same tokens (teacher-forced), each with its own DynamicCache, and so does
 `merged loop` (model forward with a MergedCache, without generate). Both the saved heads mode and heads
@@ -123,12 +123,14 @@ def parts(model, steps: list[tuple], cache: bool) -> dict:
 
 def summary(times: dict, merged: str) -> dict:
     """Floor and ratio from the medians; the same from the minima as well (on a shared machine others' work only
-    adds time, so the minima are the less disturbed estimate)."""
+    adds time, so the minima are the less disturbed estimate). `ratio_with_mix`: against the floor plus `mix`,
+    the work a merge that mixes heads must do on top of it (no source normalises or mixes distributions)."""
     r = {"seconds": times}
     for stat, f in (("median", statistics.median), ("min", min)):
         t = {k: f(v) for k, v in times.items()}
         floor = sum(v for k, v in t.items() if k.startswith(("full:", "partial:")) or k == "sae")
-        r[stat] = {"parts": t, "floor": floor, "ratio": t[merged] / floor}
+        r[stat] = {"parts": t, "floor": floor, "ratio": t[merged] / floor,
+                   "ratio_with_mix": t[merged] / (floor + t.get("mix", 0))}
     return r
 
 
@@ -199,14 +201,14 @@ def main() -> None:
     output.write_text(json.dumps(rows + [record], indent=2) + "\n")
 
     print(f"{args.model}: {B} x {T} tokens; generate {N} after {T - N} (ms; median of {args.repeats}, then min)")
-    print(f"{'heads':8} {'run':8} {'stat':6} {'merged':>8} {'floor':>8} {'ratio':>5}  parts")
+    print(f"{'heads':8} {'run':8} {'stat':6} {'merged':>8} {'floor':>8} {'ratio':>5} {'+mix':>5}  parts")
     for heads, by_kind in results.items():
         for kind in ("forward", "generate"):
             for stat in ("median", "min"):
                 r = by_kind[kind][stat]
                 rest = "  ".join(f"{k} {1000 * v:.1f}" for k, v in r["parts"].items() if k != "merged")
                 print(f"{heads:8} {kind:8} {stat:6} {1000 * r['parts']['merged']:8.1f} {1000 * r['floor']:8.1f} "
-                      f"{r['ratio']:5.2f}  {rest}")
+                      f"{r['ratio']:5.2f} {r['ratio_with_mix']:5.2f}  {rest}")
     print(f"wall {record['wall_seconds']:.0f} s; appended to {output}")
 
 

