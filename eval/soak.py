@@ -10,12 +10,18 @@ tokenizer), unusual Unicode (emoji, RTL, combining marks, control characters, NU
 prose and code from the test splits, random bytes decoded with errors='replace'. Batches of 1..16 inputs, half
 of one kind and half mixed, padded left or right. Every call's logits must be finite at the real (unpadded)
 positions; exceptions are caught and recorded with the kinds in the batch. Appends to eval/results/soak.json.
+
+Long runs (1,000 inputs of up to 16 x 512 tokens on Gemma take hours on a CPU) save their state after every call
+to OUTPUT.MODEL.partial (counts, records, both random generators' states, and a hash of saemerge's code); `--resume`
+goes on from there with the same inputs an uninterrupted run would draw, and refuses if the arguments or the
+code changed.
 """
 
 from __future__ import annotations
 
 import argparse
 import gzip
+import hashlib
 import json
 import platform
 import random
@@ -31,6 +37,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import saemerge  # noqa: F401  (registers the merged model class)
 from saemerge.cli import main as saemerge_main
+from saemerge.files import write_atomic
 
 REPO = Path(__file__).resolve().parent.parent
 KINDS = ["empty", "whitespace", "one_token", "max_length", "far_too_long", "unicode", "prose", "code", "random_bytes"]
@@ -96,7 +103,8 @@ def forward(model, batch) -> dict:
     out = model(**batch)
     mask = batch["attention_mask"].bool()
     assert out.logits.shape[:2] == batch["input_ids"].shape, f"logits {tuple(out.logits.shape)}"
-    return {"nonfinite": int((~torch.isfinite(out.logits[mask])).any(-1).sum())}
+    # isfinite first: indexing the logits by the mask would copy them (8 GB for Gemma at 16 x 512), not the check
+    return {"nonfinite": int((~torch.isfinite(out.logits)).any(-1)[mask].sum())}
 
 
 @torch.no_grad()
@@ -113,6 +121,24 @@ def generate(model, batch, new_tokens: int, pad_id: int, bos_id: int) -> dict:
     return {"nonfinite": int(sum((~torch.isfinite(step)).any(-1).sum() for step in out.logits))}
 
 
+def code_hash() -> str:
+    """sha256 of saemerge's source files: a resumed soak must test the code it started on."""
+    digest = hashlib.sha256()
+    for path in sorted((REPO / "saemerge").rglob("*.py")):
+        digest.update(path.relative_to(REPO).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def peak_rss_gib() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+
+
+def as_state(state: list) -> tuple:
+    """random.getstate() back from its JSON form (lists for tuples)."""
+    version, internal, gauss = state
+    return version, tuple(internal), gauss
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="out/quickstart", help="merged model folder")
@@ -124,7 +150,22 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=4, help="tokens generated per generate call")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=str(REPO / "eval/results/soak.json"))
+    parser.add_argument("--resume", action="store_true", help="go on from OUTPUT.MODEL.partial, where a stopped run left off")
     args = parser.parse_args()
+    partial = Path(f"{args.output}.{Path(args.model).name}.partial")  # one per model: runs on two can interleave
+    same = {k: getattr(args, k) for k in ("model", "limit", "max_length", "max_batch", "generate_share", "new_tokens",
+                                          "seed")}
+    same["code"] = code_hash()
+    state = None
+    if args.resume:
+        if not partial.exists():
+            parser.error(f"--resume: {partial} does not exist (nothing to resume)")
+        state = json.loads(partial.read_text())
+        changed = [k for k, v in same.items() if state["same"][k] != v]
+        if changed:
+            parser.error(f"--resume: {partial} was made with other {', '.join(changed)}: delete it to start again")
+    elif partial.exists():
+        parser.error(f"{partial} exists (a stopped run): pass --resume to go on, or delete it to start again")
     transformers.logging.set_verbosity_error()  # right padding in generate warns on every call; it is on purpose
 
     if not Path(args.model).exists() and args.model == "out/quickstart":
@@ -140,8 +181,18 @@ def main() -> None:
     rng = random.Random(args.seed + 1)
 
     counts, calls, lengths = Counter(), Counter(), Counter()
-    nonfinite, exceptions = [], []
-    done, start = 0, time.perf_counter()
+    nonfinite, exceptions, segments = [], [], []
+    done, before = 0, 0.0  # inputs done and seconds spent by earlier segments of a resumed run
+    if state:
+        counts, calls = Counter(state["counts"]), Counter(state["calls"])
+        lengths = Counter({int(k): v for k, v in state["lengths"].items()})
+        nonfinite, exceptions, segments = state["nonfinite"], state["exceptions"], state["segments"]
+        done, before = state["done"], sum(s["seconds"] for s in segments)
+        inputs.rng.setstate(as_state(state["inputs_rng"]))
+        rng.setstate(as_state(state["rng"]))
+        print(f"resuming at {done} inputs, {calls.total()} calls")
+    segments.append({"inputs_from": done, "seconds": 0.0})
+    start = time.perf_counter()
     while done < args.limit:
         size = min(rng.randint(1, args.max_batch), args.limit - done)
         kinds = [rng.choice(KINDS)] * size if rng.random() < 0.5 else [rng.choice(KINDS) for _ in range(size)]
@@ -167,17 +218,22 @@ def main() -> None:
         calls[via] += 1
         lengths[record.get("tokens", -1)] += 1
         done += size
+        segments[-1].update(inputs_to=done, seconds=round(time.perf_counter() - start, 1), peak_rss_gib=peak_rss_gib())
+        write_atomic(partial, json.dumps({
+            "same": same, "done": done, "counts": counts, "calls": calls, "lengths": lengths, "nonfinite": nonfinite,
+            "exceptions": exceptions, "segments": segments, "inputs_rng": inputs.rng.getstate(), "rng": rng.getstate()}))
         if calls.total() % 10 == 0:
             print(f"{done:6d} inputs, {calls.total()} calls, {len(nonfinite)} non-finite, {len(exceptions)} exceptions, "
-                  f"{time.perf_counter() - start:.0f}s", flush=True)
-    wall = time.perf_counter() - start
+                  f"{before + time.perf_counter() - start:.0f}s", flush=True)
+    wall = before + time.perf_counter() - start
 
     result = {
         "model": args.model, "inputs": done, "max_length": max_length, "max_batch": args.max_batch, "seed": args.seed,
         "inputs_per_kind": dict(sorted(counts.items())), "calls": dict(calls), "calls_total": calls.total(),
         "calls_at_max_length": lengths[max_length], "calls_with_empty_batch": lengths[0],
-        "nonfinite": nonfinite, "exceptions": exceptions, "wall_seconds": round(wall, 1),
-        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "nonfinite": nonfinite, "exceptions": exceptions, "wall_seconds": round(wall, 1), "segments": segments,
+        "code": same["code"],
+        "peak_rss_gib": max(s["peak_rss_gib"] for s in segments),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
                    f"transformers {transformers.__version__}",
     }
@@ -186,6 +242,7 @@ def main() -> None:
     rows = [r for r in rows if not (r["model"] == args.model and r["inputs"] == done)] + [result]
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(rows, indent=2, ensure_ascii=False) + "\n")
+    partial.unlink(missing_ok=True)
     print(json.dumps({k: v for k, v in result.items() if k not in ("nonfinite", "exceptions")}, indent=2))
     print(f"non-finite: {len(nonfinite)}, exceptions: {len(exceptions)}")
 

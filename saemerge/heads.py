@@ -75,14 +75,14 @@ def mix_heads(log_weights: torch.Tensor, logits: list[torch.Tensor]) -> torch.Te
         probs = p if probs is None else probs.add_(p) if in_place else probs + p
     tiny = torch.finfo(torch.float32).tiny
     underflow = probs.amin(-1) < tiny
-    if underflow.any():  # clamped, the log (and its gradient) stays finite until those rows are replaced
-        probs = probs.clamp_min_(tiny) if in_place else probs.clamp_min(tiny)
-    mixed = probs.log_() if in_place else probs.log()
-    if underflow.any():
-        w = log_weights[underflow]
-        rows = [x[underflow.to(x.device)].to(device, torch.float32).log_softmax(-1) + w[:, i, None]
-                for i, x in enumerate(logits)]
-        mixed[underflow] = torch.stack(rows).logsumexp(0)
+    if not underflow.any():
+        return probs.log_() if in_place else probs.log()
+    # Clamped, the log (and its gradient) stays finite; the rows that underflowed are then replaced.
+    mixed = probs.clamp_min_(tiny).log_() if in_place else probs.clamp_min(tiny).log()
+    w = log_weights[underflow]
+    rows = [x[underflow.to(x.device)].to(device, torch.float32).log_softmax(-1) + w[:, i, None]
+            for i, x in enumerate(logits)]
+    mixed[underflow] = torch.stack(rows).logsumexp(0)
     return mixed
 
 
