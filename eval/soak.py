@@ -103,8 +103,11 @@ def forward(model, batch) -> dict:
     out = model(**batch)
     mask = batch["attention_mask"].bool()
     assert out.logits.shape[:2] == batch["input_ids"].shape, f"logits {tuple(out.logits.shape)}"
-    # isfinite first: indexing the logits by the mask would copy them (8 GB for Gemma at 16 x 512), not the check
-    return {"nonfinite": int((~torch.isfinite(out.logits)).any(-1)[mask].sum())}
+    # A few positions at a time: isfinite makes float temporaries the size of its input (at 16 x 512 on Gemma,
+    # checking all logits at once took the process from 11.6 to 23.1 GiB, more than the merge's own forward).
+    nonfinite = sum(int((~torch.isfinite(part)).any(-1)[where].sum())
+                    for part, where in zip(out.logits.split(16, dim=1), mask.split(16, dim=1)))
+    return {"nonfinite": nonfinite}
 
 
 @torch.no_grad()
